@@ -1,0 +1,302 @@
+"""What the nodes of one cluster share: the API, keys, network, firewall, placement groups.
+
+It also owns provisioning that starts ahead of ``SpecCluster``: the initial workers'
+servers are created and bootstrapped while the scheduler starts, and a ``WorkerServer``
+takes its ready server from here instead of waiting for its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cloud import (
+    LABEL_CLUSTER,
+    LABEL_ROLE,
+    Cloud,
+    CloudError,
+    ConfigError,
+    ServerInfo,
+    ServerWatcher,
+    selector,
+)
+from .security import ClusterCA, SSHKeyPair, TLSCert
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_GROUP_SIZE = 10  # Hetzner's limit for a spread group
+
+
+@dataclass
+class _Group:
+    id: int
+    members: set[str] = field(default_factory=set)
+    full: bool = False
+
+
+class ClusterContext:
+    def __init__(
+        self,
+        *,
+        name: str,
+        cloud: Cloud,
+        location: str,
+        fallback_locations: list[str],
+        image: str,
+        scheduler_type: str,
+        worker_type: str,
+        connect: str,
+        allowed_cidrs: list[str],
+        network_ip_range: str,
+        ssh_port: int,
+        scheduler_port: int,
+        dashboard_port: int,
+        timeouts: dict[str, float],
+        versions: dict[str, str],
+        bootstrap_scripts: dict[str, str],
+        ssh_key: SSHKeyPair,
+        ca: ClusterCA,
+        client_cert: TLSCert,
+        progress: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.cloud = cloud
+        self.location = location
+        self.fallback_locations = fallback_locations
+        self.image = image
+        self.scheduler_type = scheduler_type
+        self.worker_type = worker_type
+        self.connect = connect
+        self.allowed_cidrs = allowed_cidrs
+        self.network_ip_range = network_ip_range
+        self.ssh_port = ssh_port
+        self.scheduler_port = scheduler_port
+        self.dashboard_port = dashboard_port
+        self.timeouts = timeouts
+        self.versions = versions
+        self.bootstrap_scripts = bootstrap_scripts
+        self.ssh_key = ssh_key
+        self.ca = ca
+        self.client_cert = client_cert
+        self.progress = progress
+        self.watcher = ServerWatcher(cloud, selector(name), cloud.poll_interval)
+        self.host_keys: dict[str, str] = {}  # server name -> pinned public host key
+        self.servers: dict[str, ServerInfo] = {}  # server name -> what the API said
+        self.ssh_key_id: int | None = None
+        self.network_id: int | None = None
+        self.firewall_id: int | None = None
+        self._groups: list[_Group] = []
+        self._group_lock = asyncio.Lock()
+        self._provisioning: dict[str, asyncio.Task[Any]] = {}
+        self.scheduler_private: str | None = None
+        self.dashboard_link: str | None = None
+
+    # Progress -----------------------------------------------------------------------------
+
+    def report(self, node: str, phase: str) -> None:
+        logger.info("%s %s: %s", self.name, node, phase)
+        if self.progress is not None:
+            self.progress(node, phase)
+
+    def labels(self, role: str) -> dict[str, str]:
+        return {LABEL_CLUSTER: self.name, LABEL_ROLE: role}
+
+    # Shared resources ---------------------------------------------------------------------
+
+    def firewall_rules(self) -> list[dict[str, Any]]:
+        """Only SSH (and ICMP) from allowed_cidrs; the scheduler port too with connect=public."""
+        rules = [
+            {
+                "direction": "in",
+                "protocol": "tcp",
+                "port": "22",
+                "source_ips": list(self.allowed_cidrs),
+                "destination_ips": [],
+                "description": "ssh",
+            },
+            {
+                "direction": "in",
+                "protocol": "icmp",
+                "port": None,
+                "source_ips": list(self.allowed_cidrs),
+                "destination_ips": [],
+                "description": "icmp",
+            },
+        ]
+        if self.connect == "public":
+            rules.append(
+                {
+                    "direction": "in",
+                    "protocol": "tcp",
+                    "port": str(self.scheduler_port),
+                    "source_ips": list(self.allowed_cidrs),
+                    "destination_ips": [],
+                    "description": "dask scheduler (TLS)",
+                }
+            )
+        return rules
+
+    async def setup(self) -> None:
+        """Create the SSH key, network and firewall, in parallel."""
+        zone = (await self.cloud.locations())[self.location].network_zone
+        net = ipaddress.ip_network(self.network_ip_range)
+        subnet = next(net.subnets(new_prefix=max(net.prefixlen, 24)))
+        shared = self.labels("shared")
+
+        async def key() -> None:
+            self.ssh_key_id = await self.cloud.create_ssh_key(
+                f"{self.name}", self.ssh_key.public_openssh, shared
+            )
+
+        async def network() -> None:
+            self.network_id = await self.cloud.create_network(
+                f"{self.name}", str(net), str(subnet), zone, shared
+            )
+
+        async def firewall() -> None:
+            self.firewall_id = await self.cloud.create_firewall(
+                f"{self.name}", self.firewall_rules(), shared
+            )
+
+        await asyncio.gather(key(), network(), firewall())
+
+    async def _group_for(self, server_name: str) -> int:
+        async with self._group_lock:
+            for group in self._groups:
+                if not group.full and len(group.members) < PLACEMENT_GROUP_SIZE:
+                    group.members.add(server_name)
+                    return group.id
+            group_id = await self.cloud.create_placement_group(
+                f"{self.name}-{len(self._groups)}", self.labels("shared")
+            )
+            self._groups.append(_Group(group_id, {server_name}))
+            return group_id
+
+    def _release_group(self, server_name: str) -> None:
+        for group in self._groups:
+            group.members.discard(server_name)
+
+    # Servers ------------------------------------------------------------------------------
+
+    async def create_server(
+        self, *, name: str, server_type: str, user_data: str, labels: dict[str, str]
+    ) -> ServerInfo:
+        assert self.ssh_key_id and self.network_id and self.firewall_id
+        locations = [self.location] + [x for x in self.fallback_locations if x != self.location]
+        last: CloudError | None = None
+        for location in locations:
+            for _ in range(3):
+                group = await self._group_for(name)
+                try:
+                    server = await self.cloud.create_server(
+                        name=name,
+                        server_type=server_type,
+                        image=self.image,
+                        location=location,
+                        ssh_key_id=self.ssh_key_id,
+                        network_id=self.network_id,
+                        firewall_id=self.firewall_id,
+                        placement_group_id=group,
+                        user_data=user_data,
+                        labels=labels,
+                    )
+                except CloudError as e:
+                    self._release_group(name)
+                    if e.code == "placement_error":
+                        # Full (or out of spread capacity): next time use another group.
+                        for g in self._groups:
+                            if g.id == group:
+                                g.full = True
+                        last = e
+                        continue
+                    if e.code == "resource_unavailable":
+                        last = e
+                        break
+                    raise
+                self.servers[server.name] = server
+                return server
+        assert last is not None
+        if last.code == "resource_unavailable":
+            tried = ", ".join(locations)
+            hint = "" if self.fallback_locations else " (set fallback_locations to try others)"
+            raise CloudError(
+                f"creating server {name}: server type {server_type} is unavailable in {tried}{hint}",
+                last.code,
+                last.api_message,
+            )
+        raise last
+
+    async def delete_server(self, server: ServerInfo, *, wait: bool = True) -> None:
+        self._release_group(server.name)
+        self.servers.pop(server.name, None)
+        await self.cloud.delete_server(server.id)
+        if wait:
+            await self.watcher.wait_gone(server.id, timeout=self.timeouts["close"])
+
+    # Provisioning ahead of SpecCluster ------------------------------------------------------
+
+    def prestart(self, name: str, role: str) -> None:
+        from .nodes import provision
+
+        if name not in self._provisioning:
+            self._provisioning[name] = asyncio.ensure_future(provision(self, name, role))
+
+    async def take_or_provision(self, name: str, role: str) -> Any:
+        self.prestart(name, role)
+        task = self._provisioning[name]
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._provisioning.pop(name, None)
+
+    async def cancel_provision(self, name: str) -> None:
+        task = self._provisioning.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        try:
+            prepared = await task
+        except BaseException:
+            return  # provision() deletes its own server when it fails or is cancelled
+        # It finished just before the cancel arrived.
+        await prepared.conn.close()
+        await self.delete_server(prepared.server, wait=True)
+
+    async def cancel_all(self) -> None:
+        await asyncio.gather(
+            *(self.cancel_provision(n) for n in list(self._provisioning)), return_exceptions=True
+        )
+
+    async def teardown(self) -> None:
+        """Delete everything carrying this cluster's label and wait until the API confirms."""
+        await self.cancel_all()
+        self.watcher.stop()
+        await self.cloud.delete_cluster(self.name, timeout=self.timeouts["close"])
+        self.servers.clear()
+
+    async def hourly_cost(self) -> float:
+        types = await self.cloud.server_types()
+        return sum(
+            types[s.server_type].hourly.get(s.location, 0.0)
+            for s in self.servers.values()
+            if s.server_type in types
+        )
+
+
+def check_same_zone(locations: dict[str, Any], location: str, fallbacks: list[str]) -> None:
+    zone = locations[location].network_zone
+    for other in fallbacks:
+        if other not in locations:
+            raise ConfigError(
+                f"unknown fallback location {other!r}; valid locations: {', '.join(sorted(locations))}"
+            )
+        if locations[other].network_zone != zone:
+            raise ConfigError(
+                f"fallback location {other} is in network zone {locations[other].network_zone}, "
+                f"but {location} is in {zone}: one private network cannot span them"
+            )

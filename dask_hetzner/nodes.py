@@ -1,0 +1,349 @@
+"""The scheduler and workers as ``ProcessInterface`` objects: one Hetzner server each.
+
+A node's life: create its server (with a host key made here and handed over in
+cloud-init), wait until the API says running (one poller for the whole cluster), log in
+over SSH with that pinned key, copy its own TLS key and certificate, build the
+environment, and start the dask process detached from the SSH session. ``close`` stops
+the process explicitly and deletes the server, returning once the API confirms it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+
+from . import environment, remote
+from .cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, CloudError, ServerInfo
+from .security import HostKey, cloud_config
+
+if TYPE_CHECKING:
+    from .context import ClusterContext
+
+logger = logging.getLogger(__name__)
+
+REMOTE_DIR = ".dask-hetzner"  # relative to root's home on the server
+ENV_PYTHON = f"{REMOTE_DIR}/env/bin/python"
+
+
+class BootstrapError(RuntimeError):
+    """Building a server's environment failed; the message quotes the end of its log."""
+
+
+@dataclass
+class Prepared:
+    """A server that is running, reachable over SSH and has its environment built."""
+
+    server: ServerInfo
+    host_key_public: str
+    conn: remote.Remote
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
+    """Create one server and make it ready to run ``role``; on any failure delete it."""
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    host_key = HostKey.generate()
+    labels = {LABEL_CLUSTER: ctx.name, LABEL_ROLE: role}
+    if role == "worker":
+        labels[LABEL_WORKER] = name
+    server_type = ctx.scheduler_type if role == "scheduler" else ctx.worker_type
+    server: ServerInfo | None = None
+    conn: remote.Remote | None = None
+    try:
+        ctx.report(name, "creating")
+        server = await ctx.create_server(
+            name=f"{ctx.name}-{name}" if role == "worker" else f"{ctx.name}-scheduler",
+            server_type=server_type,
+            user_data=cloud_config(host_key),
+            labels=labels,
+        )
+        ctx.host_keys[server.name] = host_key.public_openssh
+        ctx.report(name, "booting")
+        server = await ctx.watcher.wait(
+            server.id,
+            {"running"},
+            timeout=ctx.timeouts["server-create"],
+            what=f"creating server {server.name}",
+        )
+        timings["running"] = time.monotonic() - t0
+        ctx.report(name, "connecting")
+        assert server.public_ip, f"server {server.name} has no public IPv4"
+        conn = await remote.connect(
+            server.public_ip,
+            port=ctx.ssh_port,
+            client_key=ctx.ssh_key.private_openssh,
+            host_key=host_key.public_openssh,
+            timeout=ctx.timeouts["ssh"],
+        )
+        timings["ssh"] = time.monotonic() - t0
+        ctx.report(name, "installing")
+        await bootstrap(ctx, conn, role, server)
+        timings["bootstrap"] = time.monotonic() - t0
+        return Prepared(server, host_key.public_openssh, conn, timings)
+    except BaseException:
+        if conn is not None:
+            await _quietly(conn.close())
+        if server is not None:
+            # Shielded: a Ctrl-C while starting must still delete what was created.
+            await asyncio.shield(ctx.delete_server(server))
+        raise
+
+
+async def bootstrap(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:
+    script = ctx.bootstrap_scripts[role]
+    await conn.put(f"{REMOTE_DIR}/bootstrap.sh", script, mode=0o700)
+    result = await conn.run(
+        f"bash {REMOTE_DIR}/bootstrap.sh", check=False, timeout=ctx.timeouts["bootstrap"]
+    )
+    if result.exit_status != 0:
+        log = await conn.run(f"tail -n 25 {REMOTE_DIR}/bootstrap.log", check=False, timeout=30)
+        raise BootstrapError(
+            f"bootstrap of server {server.name} ({server.public_ip}) failed with exit status "
+            f"{result.exit_status}; last lines of ~/{REMOTE_DIR}/bootstrap.log:\n{log.stdout.rstrip()}"
+        )
+    versions = await conn.run(f"{ENV_PYTHON} -c {shlex.quote(environment.VERSIONS_SNIPPET)}", timeout=120)
+    environment.check_versions(ctx.versions, json.loads(versions.stdout))
+
+
+async def _quietly(aw: Any) -> None:
+    try:
+        await aw
+    except Exception as e:  # cleanup must go on
+        logger.debug("ignored during cleanup: %r", e)
+
+
+async def write_tls(ctx: ClusterContext, conn: remote.Remote, common_name: str, ips: list[str]) -> None:
+    """Copy the CA certificate and a key and certificate made for this node alone."""
+    cert = ctx.ca.issue(common_name, ips=ips)
+    await conn.put(f"{REMOTE_DIR}/tls/ca.pem", ctx.ca.cert_pem, mode=0o600)
+    await conn.put(f"{REMOTE_DIR}/tls/node.pem", cert.cert_pem, mode=0o600)
+    await conn.put(f"{REMOTE_DIR}/tls/node.key", cert.key_pem, mode=0o600)
+
+
+TLS_ARGS = (
+    f"--tls-ca-file {REMOTE_DIR}/tls/ca.pem --tls-cert {REMOTE_DIR}/tls/node.pem "
+    f"--tls-key {REMOTE_DIR}/tls/node.key"
+)
+# Plain TCP is refused by the processes themselves, not only by the firewall.
+PROCESS_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
+
+
+class HetznerNode(ProcessInterface):
+    role = ""
+
+    def __init__(self, *, context: ClusterContext, name: str) -> None:
+        super().__init__()
+        self.context = context
+        self.name = name
+        self.prepared: Prepared | None = None
+
+    @property
+    def server(self) -> ServerInfo | None:
+        return self.prepared.server if self.prepared else None
+
+    async def _provision(self) -> Prepared:
+        return await self.context.take_or_provision(self.name, self.role)
+
+    async def _stop_process(self) -> None:
+        if self.prepared is not None:
+            await _quietly(
+                asyncio.wait_for(self.prepared.conn.stop(f"{REMOTE_DIR}/{self.role}.pid", timeout=10), 20)
+            )
+
+    async def close(self) -> None:
+        if self.status == Status.closed:
+            return
+        self.status = Status.closing
+        try:
+            await self._stop_process()
+            if self.prepared is not None:
+                await _quietly(self.prepared.conn.close())
+                await self.context.delete_server(self.prepared.server, wait=True)
+            else:
+                # Closed before start finished: whatever was being provisioned goes too.
+                await self.context.cancel_provision(self.name)
+        finally:
+            await super().close()
+
+    def __repr__(self) -> str:
+        where = f" {self.server.name} {self.server.public_ip}" if self.server else ""
+        return f"<{type(self).__name__} {self.name}{where}: status={self.status.name}>"
+
+
+class SchedulerServer(HetznerNode):
+    role = "scheduler"
+
+    def __init__(self, *, context: ClusterContext, name: str = "scheduler", **kwargs: Any) -> None:
+        super().__init__(context=context, name=name)
+        self.options = kwargs
+        self.contact_address: str | None = None
+        self.dashboard_port: int | None = None
+        self.tunnel: remote.Tunnel | None = None
+
+    async def start(self) -> None:
+        ctx = self.context
+        self.prepared = p = await self._provision()
+        try:
+            ip = p.server.private_ip
+            assert ip, f"server {p.server.name} has no private network address"
+            await write_tls(ctx, p.conn, "dask-scheduler", [ip])
+            args = [
+                f"{REMOTE_DIR}/env/bin/dask",
+                "scheduler",
+                "--protocol tls",
+                f"--host {ip}",
+                f"--port {ctx.scheduler_port}",
+                f"--dashboard-address {ip}:{ctx.dashboard_port}",
+                f"--scheduler-file {REMOTE_DIR}/scheduler.json",
+                TLS_ARGS,
+            ]
+            for key, value in self.options.items():
+                args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+            await p.conn.run(f"rm -f {REMOTE_DIR}/scheduler.json", timeout=30)
+            await p.conn.start_detached(
+                f"env {PROCESS_ENV} " + " ".join(args),
+                log=f"{REMOTE_DIR}/scheduler.log",
+                pidfile=f"{REMOTE_DIR}/scheduler.pid",
+            )
+            info = await wait_for_file(
+                p.conn,
+                f"{REMOTE_DIR}/scheduler.json",
+                timeout=ctx.timeouts["process-start"],
+                what=f"dask scheduler on {p.server.name}",
+                log=f"{REMOTE_DIR}/scheduler.log",
+            )
+            self.contact_address = info["address"]
+            port = int(self.contact_address.rsplit(":", 1)[1])
+            self.dashboard_port = info.get("services", {}).get("dashboard")
+            ctx.scheduler_private = self.contact_address
+            if ctx.connect == "tunnel":
+                self.tunnel = remote.Tunnel(p.conn)
+                local = await self.tunnel.forward(ip, port)
+                self.address = f"tls://127.0.0.1:{local}"
+                if self.dashboard_port:
+                    dash = await self.tunnel.forward(ip, self.dashboard_port)
+                    ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
+            else:
+                self.address = f"tls://{p.server.public_ip}:{port}"
+                if self.dashboard_port:
+                    # The dashboard is never opened to the internet: it goes through SSH.
+                    self.tunnel = remote.Tunnel(p.conn)
+                    dash = await self.tunnel.forward(ip, self.dashboard_port)
+                    ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
+            self.external_address = self.address
+            ctx.report(self.name, "running")
+        except BaseException:
+            await asyncio.shield(self._fail())
+            raise
+        await super().start()
+
+    async def _fail(self) -> None:
+        if self.prepared is not None:
+            await _quietly(self.prepared.conn.close())
+            await self.context.delete_server(self.prepared.server, wait=False)
+
+    async def close(self) -> None:
+        if self.tunnel is not None:
+            await _quietly(self.tunnel.close())
+        await super().close()
+
+
+class WorkerServer(HetznerNode):
+    role = "worker"
+
+    def __init__(self, scheduler: str, *, context: ClusterContext, name: str, **kwargs: Any) -> None:
+        super().__init__(context=context, name=name)
+        self.scheduler = scheduler
+        self.options = kwargs
+
+    async def start(self) -> None:
+        ctx = self.context
+        self.prepared = p = await self._provision()
+        try:
+            ip = p.server.private_ip
+            assert ip, f"server {p.server.name} has no private network address"
+            await write_tls(ctx, p.conn, f"dask-worker-{self.name}", [ip])
+            server_type = (await ctx.cloud.server_types())[ctx.worker_type]
+            options = {
+                "nthreads": server_type.cores,
+                # Leave room for the operating system and the nanny.
+                "memory_limit": f"{int(server_type.memory_gb * 0.9 * 1024)}MiB",
+                **self.options,
+            }
+            args = [
+                f"{REMOTE_DIR}/env/bin/dask",
+                "worker",
+                shlex.quote(ctx.scheduler_private or self.scheduler),
+                f"--name {shlex.quote(self.name)}",
+                f"--host {ip}",
+                "--no-dashboard",
+                f"--local-directory {REMOTE_DIR}/work",
+                TLS_ARGS,
+            ]
+            for key, value in options.items():
+                args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+            await p.conn.start_detached(
+                f"env {PROCESS_ENV} " + " ".join(args),
+                log=f"{REMOTE_DIR}/worker.log",
+                pidfile=f"{REMOTE_DIR}/worker.pid",
+            )
+            # Workers keep no SSH connection open: 200 idle sessions help nobody.
+            await _quietly(p.conn.close())
+            ctx.report(self.name, "running")
+        except BaseException:
+            await _quietly(p.conn.close())
+            await asyncio.shield(self.context.delete_server(p.server, wait=False))
+            raise
+        await super().start()
+
+    async def _stop_process(self) -> None:
+        p = self.prepared
+        if p is None:
+            return
+        # The worker's connection was closed after start: a short one to stop it explicitly.
+        try:
+            conn = await remote.connect(
+                p.server.public_ip or "",
+                port=self.context.ssh_port,
+                client_key=self.context.ssh_key.private_openssh,
+                host_key=p.host_key_public,
+                timeout=10,
+            )
+        except Exception as e:
+            logger.debug("worker %s unreachable for a clean stop: %r", self.name, e)
+            return
+        try:
+            await asyncio.wait_for(conn.stop(f"{REMOTE_DIR}/worker.pid", timeout=10), 20)
+        except Exception as e:
+            logger.debug("stopping worker %s: %r", self.name, e)
+        finally:
+            await _quietly(conn.close())
+
+
+async def wait_for_file(conn: remote.Remote, path: str, *, timeout: float, what: str, log: str) -> dict[str, Any]:
+    """Wait on the server itself (one SSH command, bounded) for a JSON file to appear."""
+    q = shlex.quote(path)
+    script = (
+        f"end=$(( $(date +%s) + {int(timeout)} )); "
+        f"until [ -s {q} ] && python3 -c 'import json,sys; json.load(open(sys.argv[1]))' {q} 2>/dev/null; do "
+        f"  [ $(date +%s) -ge $end ] && exit 124; sleep 0.2; done; cat {q}"
+    )
+    result = await conn.run(script, check=False, timeout=timeout + 30)
+    if result.exit_status != 0:
+        tail = await conn.run(f"tail -n 25 {shlex.quote(log)}", check=False, timeout=30)
+        raise TimeoutError(
+            f"{what} did not start within {timeout:.0f} s; last lines of ~/{log}:\n{tail.stdout.rstrip()}"
+        )
+    return json.loads(result.stdout)
+
+
+__all__ = ["BootstrapError", "CloudError", "SchedulerServer", "WorkerServer", "provision"]

@@ -289,7 +289,8 @@ class Cloud:
                     disk_gb=t.disk,
                     architecture=t.architecture,
                     cpu_type=t.cpu_type,
-                    deprecated=bool(t.deprecation),
+                    # Deprecation is per location since 2025-09.
+                    deprecated=bool(t.locations) and all(e.deprecation for e in t.locations),
                 )
                 for price in t.prices or []:
                     loc = price["location"]

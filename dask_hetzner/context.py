@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import remote
 from .cloud import (
     LABEL_CLUSTER,
     LABEL_ROLE,
@@ -94,6 +95,17 @@ class ClusterContext:
         self._provisioning: dict[str, asyncio.Task[Any]] = {}
         self.scheduler_private: str | None = None
         self.dashboard_link: str | None = None
+
+    async def ssh(self, host: str, host_key: str, *, retry_for: float | None = None) -> remote.Remote:
+        """Log in as root with the cluster's key, trusting only the pinned host key."""
+        return await remote.connect(
+            host,
+            port=self.ssh_port,
+            client_key=self.ssh_key.private_openssh,
+            host_key=host_key,
+            timeout=30.0,
+            retry_until=self.timeouts["ssh"] if retry_for is None else retry_for,
+        )
 
     # Progress -----------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REMOTE_DIR = ".dask-hetzner"  # relative to root's home on the server
-ENV_PYTHON = f"{REMOTE_DIR}/env/bin/python"
 
 
 class BootstrapError(RuntimeError):
@@ -77,13 +76,7 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
         timings["running"] = time.monotonic() - t0
         ctx.report(name, "connecting")
         assert server.public_ip, f"server {server.name} has no public IPv4"
-        conn = await remote.connect(
-            server.public_ip,
-            port=ctx.ssh_port,
-            client_key=ctx.ssh_key.private_openssh,
-            host_key=host_key.public_openssh,
-            timeout=ctx.timeouts["ssh"],
-        )
+        conn = await ctx.ssh(server.public_ip, host_key.public_openssh)
         timings["ssh"] = time.monotonic() - t0
         ctx.report(name, "installing")
         await bootstrap(ctx, conn, role, server)
@@ -99,8 +92,8 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
 
 
 async def bootstrap(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:
-    script = ctx.bootstrap_scripts[role]
-    await conn.put(f"{REMOTE_DIR}/bootstrap.sh", script, mode=0o700)
+    """Build the environment (idempotent) and refuse versions that differ from the client's."""
+    await conn.put(f"{REMOTE_DIR}/bootstrap.sh", ctx.bootstrap_scripts[role], mode=0o700)
     result = await conn.run(
         f"bash {REMOTE_DIR}/bootstrap.sh", check=False, timeout=ctx.timeouts["bootstrap"]
     )
@@ -110,8 +103,8 @@ async def bootstrap(ctx: ClusterContext, conn: remote.Remote, role: str, server:
             f"bootstrap of server {server.name} ({server.public_ip}) failed with exit status "
             f"{result.exit_status}; last lines of ~/{REMOTE_DIR}/bootstrap.log:\n{log.stdout.rstrip()}"
         )
-    versions = await conn.run(f"{ENV_PYTHON} -c {shlex.quote(environment.VERSIONS_SNIPPET)}", timeout=120)
-    environment.check_versions(ctx.versions, json.loads(versions.stdout))
+    # The script's standard output is the environment's versions as JSON.
+    environment.check_versions(ctx.versions, json.loads(result.stdout), where=server.name)
 
 
 async def _quietly(aw: Any) -> None:
@@ -225,8 +218,9 @@ class SchedulerServer(HetznerNode):
             port = int(self.contact_address.rsplit(":", 1)[1])
             self.dashboard_port = info.get("services", {}).get("dashboard")
             ctx.scheduler_private = self.contact_address
+            reconnect = lambda: ctx.ssh(p.server.public_ip or "", p.host_key_public)  # noqa: E731
             if ctx.connect == "tunnel":
-                self.tunnel = remote.Tunnel(p.conn)
+                self.tunnel = remote.Tunnel(p.conn, reconnect)
                 local = await self.tunnel.forward(ip, port)
                 self.address = f"tls://127.0.0.1:{local}"
                 if self.dashboard_port:
@@ -236,7 +230,7 @@ class SchedulerServer(HetznerNode):
                 self.address = f"tls://{p.server.public_ip}:{port}"
                 if self.dashboard_port:
                     # The dashboard is never opened to the internet: it goes through SSH.
-                    self.tunnel = remote.Tunnel(p.conn)
+                    self.tunnel = remote.Tunnel(p.conn, reconnect)
                     dash = await self.tunnel.forward(ip, self.dashboard_port)
                     ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
             self.external_address = self.address
@@ -311,13 +305,7 @@ class WorkerServer(HetznerNode):
             return
         # The worker's connection was closed after start: a short one to stop it explicitly.
         try:
-            conn = await remote.connect(
-                p.server.public_ip or "",
-                port=self.context.ssh_port,
-                client_key=self.context.ssh_key.private_openssh,
-                host_key=p.host_key_public,
-                timeout=10,
-            )
+            conn = await self.context.ssh(p.server.public_ip or "", p.host_key_public, retry_for=10)
         except Exception as e:
             logger.debug("worker %s unreachable for a clean stop: %r", self.name, e)
             return

@@ -12,7 +12,7 @@ import functools
 import gzip
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -105,9 +105,15 @@ def _type_message(expected: Any) -> str:
 def _error_to_field(err: jsonschema.ValidationError) -> FieldError:
     path = [str(p) for p in err.absolute_path]
     if err.validator == "required":
-        missing = [k for k in err.validator_value if k not in (err.instance or {})]
+        # One error per missing property; its name is only in the message.
+        m = re.match(r"^'(.+)' is a required property$", err.message)
+        missing = [m.group(1)] if m else [k for k in err.validator_value if k not in (err.instance or {})]
         name = ".".join([*path, missing[0] if missing else "?"])
         return FieldError(name, "Missing data for required field.")
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = set(err.schema.get("properties", {}))
+        extra = [k for k in err.instance if k not in allowed]
+        return FieldError(".".join([*path, str(extra[0]) if extra else "?"]), "Unknown field.")
     name = ".".join(path) or "body"
     if err.validator == "type":
         return FieldError(name, _type_message(err.validator_value))
@@ -122,6 +128,33 @@ def _error_to_field(err: jsonschema.ValidationError) -> FieldError:
     if err.validator == "pattern":
         return FieldError(name, "String does not match expected pattern.")
     return FieldError(name, "Invalid input.")
+
+
+# Objects the simulator shares between answers and never mutates (server types,
+# locations, system images).  A validator remembers that such an object was
+# valid against a given sub-schema, so long lists do not re-validate them per item.
+_FROZEN: dict[int, Any] = {}
+_FROZEN_VALID: set[tuple[int, int]] = set()
+
+
+def freeze(obj: Any) -> Any:
+    """Declare ``obj`` immutable (kept alive, so its id stays unique)."""
+    _FROZEN[id(obj)] = obj
+    return obj
+
+
+def _memo_properties(validator: Any, properties: Any, instance: Any, schema: Any) -> Iterator[Any]:
+    key = (id(instance), id(schema))
+    if key in _FROZEN_VALID:
+        return
+    errors = list(_PROPERTIES(validator, properties, instance, schema))
+    if not errors and id(instance) in _FROZEN:
+        _FROZEN_VALID.add(key)
+    yield from errors
+
+
+_PROPERTIES = jsonschema.Draft202012Validator.VALIDATORS["properties"]
+Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"properties": _memo_properties})
 
 
 class Spec:
@@ -161,8 +194,7 @@ class Spec:
     # -- validators ---------------------------------------------------------
     def _ref_validator(self, pointer: str) -> jsonschema.protocols.Validator:
         schema = {"$ref": f"{SPEC_URI}#{pointer}"}
-        cls = jsonschema.validators.validator_for({}, default=jsonschema.Draft202012Validator)
-        return cls(schema, registry=self.registry)
+        return Validator(schema, registry=self.registry)
 
     @functools.cache  # noqa: B019 - one Spec per process, cached on purpose
     def response_validator(self, operation_id: str, status: int) -> jsonschema.protocols.Validator | None:
@@ -176,6 +208,27 @@ class Spec:
                 pointer = f"{op.pointer}/responses/{key}/content/application~1json/schema"
                 return self._ref_validator(pointer)
         raise SpecViolation(f"{operation_id} has no response {status} in the spec")
+
+    @functools.cache  # noqa: B019
+    def _response_pointer(self, operation_id: str, status: int) -> str | None:
+        op = self._by_id[operation_id]
+        responses = op.spec.get("responses", {})
+        for key in (str(status), f"{str(status)[0]}xx", "default"):
+            if key in responses and "application/json" in responses[key].get("content", {}):
+                return f"{op.pointer}/responses/{key}/content/application~1json/schema"
+        return None
+
+    @functools.cache  # noqa: B019
+    def item_validator(self, operation_id: str, status: int, key: str) -> jsonschema.protocols.Validator | None:
+        """Validator of one item of the list ``key`` in an answer (lists are checked item by item)."""
+        pointer = self._response_pointer(operation_id, status)
+        if pointer is None:
+            return None
+        schema = self.registry.resolver().lookup(f"{SPEC_URI}#{pointer}").contents
+        items = schema.get("properties", {}).get(key, {}).get("items")
+        if items is None:
+            return None
+        return self._ref_validator(f"{pointer}/properties/{_escape(key)}/items")
 
     def response_allows_body(self, operation_id: str, status: int) -> bool:
         op = self._by_id[operation_id]

@@ -1,0 +1,43 @@
+"""Shared fixtures: a simulator per test, and hetzner.* config pointing at it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import dask
+import pytest
+
+# Tests never talk to the real API, whatever the developer's environment says.
+for var in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT"):
+    os.environ.pop(var, None)
+
+
+def sim_config(sim) -> dict:
+    return {
+        "hetzner.token": sim.token,
+        "hetzner.api-endpoint": sim.endpoint,
+        "hetzner.ssh-port": sim.ssh_port,
+        # Other programs may hold 8786/8787 on this machine.
+        "hetzner.scheduler-port": 0,
+        "hetzner.dashboard-port": 0,
+        "hetzner.api.poll-interval": "100ms",
+        "hetzner.timeouts.server-create": "60s",
+        "hetzner.timeouts.ssh": "60s",
+        "hetzner.timeouts.bootstrap": "600s",
+        "hetzner.timeouts.process-start": "120s",
+        "hetzner.timeouts.close": "60s",
+        "distributed.deploy.lost-worker-timeout": "2s",
+    }
+
+
+@pytest.fixture
+def sim() -> Iterator:
+    """A simulator in a background thread (its own event loop), checked empty at the end."""
+    from dask_hetzner.sim import Simulator
+
+    with Simulator() as s:
+        with dask.config.set(sim_config(s)):
+            yield s
+        leaks = s.leaks()
+    assert leaks == {}, f"resources left behind: {leaks}"

@@ -1,0 +1,202 @@
+"""HetznerCluster end to end on the simulator: real SDK, real SSH, real dask processes, real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import dask
+import dask.array as da
+import hcloud
+import pytest
+from distributed import Client
+
+from dask_hetzner import HetznerCluster
+from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def wait_until(cond, *, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll a condition with a bound; the failure says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)
+
+
+def sdk(sim) -> hcloud.Client:
+    return hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
+
+
+def servers_of(sim, name: str) -> list:
+    return sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
+
+
+def test_sync_cluster_computes_scales_and_cleans_up(sim):
+    with HetznerCluster(workers=2, name="sync1") as cluster:
+        assert len(servers_of(sim, "sync1")) == 3
+        with Client(cluster) as client:
+            assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+            client.wait_for_workers(2, timeout=120)
+            x = da.ones((2000, 2000), chunks=(500, 500))
+            assert x.sum().compute() == 4_000_000
+            names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+            assert names == {"worker-0", "worker-1"}
+
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=180)
+            assert len(servers_of(sim, "sync1")) == 4
+
+            cluster.scale(1)
+            wait_until(
+                lambda: len(client.scheduler_info()["workers"]) == 1
+                and len(servers_of(sim, "sync1")) == 2,
+                timeout=120,
+                what="scale down to one worker and its server",
+            )
+            assert cluster.hourly_cost > 0
+            assert "EUR/h" in repr(cluster)
+    assert servers_of(sim, "sync1") == []
+
+
+async def test_async_cluster(sim):
+    async with HetznerCluster(workers=1, name="async1", asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=120)
+            assert await client.submit(lambda x: x + 1, 41) == 42
+            # the dashboard link answers through the SSH tunnel
+            import aiohttp
+
+            async with aiohttp.ClientSession() as http:
+                async with http.get(cluster.dashboard_link) as r:
+                    assert r.status == 200
+    assert await asyncio.to_thread(servers_of, sim, "async1") == []
+
+
+def test_scale_down_is_graceful(sim):
+    """Data persisted on a retired worker moves before its server goes: nothing is recomputed."""
+    with HetznerCluster(workers=2, name="graceful") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        futures = client.map(lambda i: i * 10, range(20), workers=None, pure=False)
+        client.gather(futures)
+        holders = {w for ws in client.who_has(futures).values() for w in ws}
+        assert len(holders) == 2, "data should be on both workers for this test to mean anything"
+
+        cluster.scale(1)
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) == 1,
+            timeout=120,
+            what="scale down to one worker",
+        )
+        assert client.gather(futures) == [i * 10 for i in range(20)]
+
+        def memory_transitions(dask_scheduler):
+            counts = {}
+            for key, _start, finish, *_ in dask_scheduler.transition_log:
+                if finish == "memory":
+                    counts[key] = counts.get(key, 0) + 1
+            return counts
+
+        counts = client.run_on_scheduler(memory_transitions)
+        assert all(counts[f.key] == 1 for f in futures), counts
+
+
+def test_adapt_grows_and_shrinks(sim):
+    with HetznerCluster(workers=0, name="adapt1") as cluster, Client(cluster) as client:
+        cluster.adapt(minimum=1, maximum=3, interval="500ms", wait_count=2, target_duration="1s")
+        client.wait_for_workers(1, timeout=120)
+
+        def slow(i):
+            import time
+
+            time.sleep(1)  # the workload, not synchronisation
+            return i
+
+        futures = client.map(slow, range(60), pure=False)
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) > 1,
+            timeout=180,
+            what="adaptive scale-up under load",
+        )
+        assert sum(client.gather(futures)) == sum(range(60))
+        del futures
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) == 1
+            and len(servers_of(sim, "adapt1")) == 2,
+            timeout=180,
+            what="adaptive scale-down to the minimum",
+        )
+
+
+def test_plain_tcp_and_foreign_tls_refused(sim):
+    from dask_hetzner.security import ClusterCA, client_security
+
+    with HetznerCluster(workers=0, name="tls1") as cluster:
+        port = cluster.scheduler_address.rsplit(":", 1)[1]
+        with pytest.raises((OSError, TimeoutError)):
+            Client(f"tcp://127.0.0.1:{port}", timeout=5)
+        other = ClusterCA.generate("other")
+        foreign = client_security(other.cert_pem, other.issue("intruder"))
+        with pytest.raises((OSError, TimeoutError)):
+            Client(cluster.scheduler_address, security=foreign, timeout=5)
+
+
+def test_firewall_only_opens_ssh(sim):
+    with dask.config.set({"hetzner.allowed-cidrs": ["198.51.100.0/24"]}):
+        with HetznerCluster(workers=0, name="fw1"):
+            client = sdk(sim)
+            (fw,) = client.firewalls.get_all(label_selector=f"{LABEL_CLUSTER}=fw1")
+            inbound = {(r.protocol, r.port) for r in fw.rules if r.direction == "in"}
+            assert inbound == {("tcp", "22"), ("icmp", None)}
+            assert all(r.source_ips == ["198.51.100.0/24"] for r in fw.rules)
+            (server,) = servers_of(sim, "fw1")
+            assert server.public_net.firewalls[0].firewall.id == fw.id
+            assert server.private_net, "scheduler must be on the private network"
+
+
+def test_failing_bootstrap_is_reported_and_rolled_back(sim):
+    with pytest.raises(Exception, match="bootstrap.log") as info:
+        HetznerCluster(workers=1, name="boot1", packages=["dask-hetzner-no-such-package==0.0.1"])
+    assert "dask-hetzner-no-such-package" in str(info.value)
+    assert servers_of(sim, "boot1") == []
+
+
+def test_rollback_when_a_server_cannot_be_created(sim):
+    sim.inject("resource_limit_exceeded", after=2)
+    with pytest.raises(Exception, match="resource_limit_exceeded|limit"):
+        HetznerCluster(workers=3, name="roll1")
+    assert sim.leaks() == {}
+
+
+def test_host_key_mismatch_refused(sim, monkeypatch):
+    """The server presents a key other than the one pinned: the client refuses and rolls back."""
+    from dask_hetzner import nodes, security
+
+    def wrong_key_config(host_key, extra=None):
+        return security.cloud_config(security.HostKey.generate(), extra)
+
+    monkeypatch.setattr(nodes, "cloud_config", wrong_key_config)
+    with pytest.raises(Exception, match="(?i)host key"):
+        HetznerCluster(workers=0, name="pin1")
+    assert sim.leaks() == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"worker_server_type": "cx999"}, "cx23"),
+        ({"location": "mars1"}, "fsn1"),
+        ({"image": "windows-95"}, "ubuntu-24.04"),
+        ({"name": "Not_A_Hostname"}, "invalid cluster name"),
+        ({"packages": ["not a requirement !!"]}, "(?i)requirement"),
+        ({"token": "wrong-token"}, "(?i)token"),
+        ({"fallback_locations": ["ash"]}, "network zone"),
+    ],
+)
+def test_bad_input_creates_nothing(sim, kwargs, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        HetznerCluster(workers=1, name=kwargs.pop("name", "bad1"), **kwargs)
+    assert sim.leaks() == {}
+    assert not any(k.startswith("POST") for k in sim.stats.get("by_route", {}))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import secrets
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -135,6 +136,8 @@ class HetznerCluster(SpecCluster):
         )
         ca = ClusterCA.generate(name)
         client_cert = ca.issue("dask-client")
+        # The client's TLS files, 0600 in a private directory removed at close.
+        self._tls_dir = tempfile.TemporaryDirectory(prefix=f"dask-hetzner-{name}-")
         self._ctx = ClusterContext(
             name=name,
             cloud=cloud,
@@ -162,6 +165,7 @@ class HetznerCluster(SpecCluster):
             progress=progress,
         )
         self._touched = False
+        self._initial_pending = True
         self._teardown_task: asyncio.Future[None] | None = None
         scheduler = {
             "cls": SchedulerServer,
@@ -180,15 +184,18 @@ class HetznerCluster(SpecCluster):
                 worker=worker,
                 asynchronous=asynchronous,
                 loop=loop,
-                security=client_security(ca.cert_pem, client_cert),
+                security=client_security(ca.cert_pem, client_cert, self._tls_dir.name),
                 name=name,
                 **kwargs,
             )
         except BaseException:
-            # Sync start interrupted (Ctrl-C) or failed: wait for the rollback before raising.
-            if not self.asynchronous and self._touched:
+            # Sync start interrupted (Ctrl-C) or failed: wait for the rollback before raising
+            # (SpecCluster may have done it already and stopped its loop).
+            if not self.asynchronous and self._touched and self._loop_runner.is_started():
                 try:
                     self.sync(self._teardown)
+                except Exception as e:
+                    logger.error("cluster %s: rollback failed: %s", name, e)
                 finally:
                     self._loop_runner.stop()
             raise
@@ -250,12 +257,20 @@ class HetznerCluster(SpecCluster):
             await super()._close()
         finally:
             await asyncio.shield(self._teardown())
+            self._tls_dir.cleanup()
 
     async def _correct_state_internal(self) -> None:
+        to_close = set(self.workers) - set(self.worker_spec)
+        if to_close and self.scheduler is not None and self.scheduler.status == Status.running:
+            # SpecCluster retires by address with our names, which retires nobody; by name,
+            # the scheduler moves their data away before the servers are deleted.
+            await self.scheduler_comm.retire_workers(names=sorted(to_close))
+        initial, self._initial_pending = self._initial_pending, False
         try:
             await super()._correct_state_internal()
         except Exception as e:
-            if self.status != Status.running:
+            # The initial workers failing fails the start (and rolls back everything).
+            if initial or self.status != Status.running:
                 raise
             # A worker that failed to start after the cluster was up: its node deleted its
             # server; drop it from the plan instead of retrying it forever.

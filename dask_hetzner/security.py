@@ -449,6 +449,27 @@ def role_security(role: Role, ca_pem: str, cert: TLSCert, **kwargs: Any) -> Secu
     )
 
 
-def client_security(ca_pem: str, cert: TLSCert) -> Security:
-    """The client's ``distributed.Security``: mutual TLS with the cluster CA, encryption required."""
-    return role_security("client", ca_pem, cert)
+def client_security(
+    ca_pem: str, cert: TLSCert, directory: str | os.PathLike[str] | None = None
+) -> Security:
+    """The client's ``distributed.Security``: mutual TLS with the cluster CA, encryption required.
+
+    With ``directory``, the PEMs are written there (0600) and passed as paths: distributed
+    otherwise writes and deletes a temporary directory for every TLS context it builds,
+    which is disk I/O on the event loop for every new connection.
+    """
+    if directory is None:
+        return role_security("client", ca_pem, cert)
+    from distributed import Security
+
+    folder = Path(directory)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths = {name: folder / name for name in ("ca.pem", "client.pem", "client.key")}
+    for name, data in zip(paths, (ca_pem, cert.cert_pem, cert.key_pem), strict=True):
+        _atomic_write(paths[name], data.encode())
+    return Security(
+        require_encryption=True,
+        tls_ca_file=str(paths["ca.pem"]),
+        tls_client_cert=str(paths["client.pem"]),
+        tls_client_key=str(paths["client.key"]),
+    )

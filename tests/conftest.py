@@ -41,3 +41,34 @@ def sim() -> Iterator:
             yield s
         leaks = s.leaks()
     assert leaks == {}, f"resources left behind: {leaks}"
+
+
+@pytest.fixture
+def sim_process(tmp_path) -> Iterator:
+    """The simulator in its own process (`dask-hetzner sim`), so it shares no GIL with the test."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_hetzner.sim", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        endpoint = proc.stdout.readline().strip().split("=", 1)[1]
+        token = proc.stdout.readline().strip().split("=", 1)[1]
+
+        class Remote:
+            pass
+
+        s = Remote()
+        s.endpoint, s.token, s.ssh_port = endpoint, token, 22
+        with dask.config.set(sim_config(s)):
+            yield s
+        import hcloud
+
+        left = hcloud.Client(token=token, api_endpoint=endpoint).servers.get_all()
+        assert left == [], f"servers left behind: {[x.name for x in left]}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

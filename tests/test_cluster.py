@@ -199,4 +199,102 @@ def test_bad_input_creates_nothing(sim, kwargs, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         HetznerCluster(workers=1, name=kwargs.pop("name", "bad1"), **kwargs)
     assert sim.leaks() == {}
-    assert not any(k.startswith("POST") for k in sim.stats.get("by_route", {}))
+    assert not any(k.startswith("POST") for k in sim.stats.requests)
+
+
+def test_lost_worker_is_replaced_and_its_server_deleted(sim):
+    with HetznerCluster(workers=2, name="rep1") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        (old,) = [s for s in servers_of(sim, "rep1") if s.name == "rep1-worker-0"]
+        # Every process on that server dies (nanny included): dask loses the worker.
+        sim.inject("processes_die", name="rep1-worker-0")
+
+        def replaced() -> bool:
+            new = [s for s in servers_of(sim, "rep1") if s.name == "rep1-worker-0"]
+            names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+            return bool(new) and new[0].id != old.id and names == {"worker-0", "worker-1"}
+
+        sim.clear_faults()
+        wait_until(replaced, timeout=180, what="a new server and worker for worker-0")
+        assert old.id not in {s.id for s in servers_of(sim, "rep1")}
+        assert client.submit(lambda: 1 + 1).result(timeout=60) == 2
+
+
+async def test_cancel_while_starting_rolls_back(sim):
+    """Ctrl-C reaches asyncio code as a cancellation: whatever exists by then is deleted."""
+    started = asyncio.Event()
+
+    def progress(node: str, phase: str) -> None:
+        if phase == "installing":
+            started.set()
+
+    task = asyncio.create_task(
+        HetznerCluster(workers=2, name="cancel1", asynchronous=True, progress=progress)._start()
+    )
+    await asyncio.wait_for(started.wait(), 120)
+    assert await asyncio.to_thread(servers_of, sim, "cancel1")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sim.leaks() == {}
+
+
+def test_sigint_while_starting_rolls_back(sim, tmp_path):
+    """A real Ctrl-C (SIGINT) to a Python process that is creating a cluster."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import dask, sys\n"
+        "from dask_hetzner import HetznerCluster\n"
+        "def progress(node, phase):\n"
+        "    if phase == 'installing':\n"
+        "        print('installing', flush=True)\n"
+        "HetznerCluster(workers=2, name='sigint1', progress=progress)\n"
+        "print('started', flush=True)\n"
+    )
+    env = {**os.environ, "HCLOUD_TOKEN": sim.token, "HCLOUD_ENDPOINT": sim.endpoint}
+    with dask.config.set({}):
+        config = {k: v for k, v in dask.config.config["hetzner"].items()}
+    env["DASK_HETZNER__SSH_PORT"] = str(config["ssh-port"])
+    env["DASK_HETZNER__SCHEDULER_PORT"] = "0"
+    env["DASK_HETZNER__DASHBOARD_PORT"] = "0"
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "installing"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert sim.leaks() == {}
+
+
+async def test_event_loop_never_stalls_while_ten_workers_start(sim_process):
+    """The SDK runs in threads: the client's loop keeps ticking while 10 servers start."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)  # the probe itself: lateness of this wake-up is the stall
+            worst = max(worst, loop.time() - before - 0.01)
+
+    probe = asyncio.create_task(ticker())
+    try:
+        async with HetznerCluster(workers=10, name="stall1", asynchronous=True) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(10, timeout=300)
+    finally:
+        stop.set()
+        await probe
+    assert worst < 0.1, f"event loop stalled {worst * 1000:.0f} ms"

@@ -149,7 +149,7 @@ class Simulator:
         else:
             self.root_dir = self._root_dir_option
             self.root_dir.mkdir(parents=True, exist_ok=True)
-        host_spec = None
+        host_spec: Callable[..., Any] | None = None
         if self._hosts_option is True:
             from .hosts import HostManager, HostSpec
 
@@ -269,6 +269,10 @@ class Simulator:
     def endpoint(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"http://{host}:{self.port}/v1"
+
+    def dask_config(self) -> dict[str, Any]:
+        """``hetzner.*`` settings pointing dask-hetzner at this simulator."""
+        return {"hetzner.token": self.token, "hetzner.api-endpoint": self.endpoint, "hetzner.ssh-port": self.ssh_port}
 
     @property
     def stats(self) -> Stats:

@@ -7,6 +7,7 @@ wrong methods and malformed input get Hetzner's error bodies, never aiohttp's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -54,6 +55,9 @@ class Stats:
             "statuses": dict(self.statuses),
         }
 
+    def __getitem__(self, key: str) -> Any:  # stats["total"], like the dict of as_dict()
+        return self.as_dict()[key]
+
     def reset(self) -> None:
         self.requests.clear()
         self.ok.clear()
@@ -100,6 +104,10 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     return (0, "") if value is None else (1, value)
 
 
+def _keyed(getter: Callable[[Any], Any], obj: Any) -> tuple[int, Any]:
+    return _sort_key(getter(obj))
+
+
 def sort_items(items: list[Any], sorts: Iterable[str] | None, getters: dict[str, Callable[[Any], Any]]) -> list[Any]:
     items = sorted(items, key=lambda o: getters["id"](o))
     for spec in reversed(list(sorts or [])):
@@ -107,7 +115,7 @@ def sort_items(items: list[Any], sorts: Iterable[str] | None, getters: dict[str,
         getter = getters.get(name)
         if getter is None:  # the spec enum already rejected unknown fields
             continue
-        items.sort(key=lambda o, g=getter: _sort_key(g(o)), reverse=direction == "desc")
+        items.sort(key=functools.partial(_keyed, getter), reverse=direction == "desc")
     return items
 
 
@@ -762,7 +770,9 @@ class Api:
             return Reply(
                 429, ApiError(429, "rate_limit_exceeded", f"limit of {rl.limit} requests per hour reached").body()
             )
-        latency = self.timing.api_latency()
+        latency = self.timing.api_latency(
+            create_server=route is not None and route.operation_id == "create_server"
+        )
         if latency > 0:
             await asyncio.sleep(latency)
         if route is None:
@@ -776,7 +786,10 @@ class Api:
 
         body: Any = None
         if method in ("POST", "PUT"):
-            raw = await request.read()
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ApiError(413, "request_entity_too_large", "request body too large") from None
             if raw.strip():
                 try:
                     body = json.loads(raw)

@@ -19,16 +19,17 @@ from .timing import PROFILES
 async def _serve(options: dict, faults: tuple[str, ...]) -> None:
     from . import Simulator, parse_fault
 
+    # Handlers first: a signal right after the two lines must still stop cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     rules = [parse_fault(f) for f in faults]
     sim = Simulator(faults=rules, **options)
     await sim.start()
     try:
         print(f"HCLOUD_ENDPOINT={sim.endpoint}", flush=True)
         print(f"HCLOUD_TOKEN={sim.token}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logging.getLogger(__name__).info("stopping: deleting every server")
     finally:

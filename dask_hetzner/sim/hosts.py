@@ -210,6 +210,7 @@ class _Host:
         self.acceptors: list[asyncssh.SSHAcceptor] = []
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self.children: set[_Child] = set()
+        self.groups: set[int] = set()  # unsandboxed: process groups to kill
         self._update_paths()
 
     def _update_paths(self) -> None:
@@ -381,6 +382,9 @@ class _HostSFTPServer(asyncssh.SFTPServer):
         return super().link(oldpath, newpath)
 
 
+HOST_NICENESS = 10
+
+
 class HostManager:
     """The simulated hosts of one simulator (see the module docstring)."""
 
@@ -392,8 +396,13 @@ class HostManager:
         self._own_cache = cache_dir is None
         self.cache_dir = Path(cache_dir).absolute() if cache_dir else self.root_dir / ".cache"
         self.shims_dir = self.root_dir / ".shims"
+        for path in (self.root_dir, self.cache_dir):
+            # The sandbox replaces these trees wholesale.
+            if path.parts[1:2] in (("dev",), ("proc",), ("sys",)):
+                raise ValueError(f"{path}: simulated hosts cannot live under /dev, /proc or /sys")
         self._hosts: dict[int, _Host] = {}
         self._sandboxed: bool | None = None
+        self._probe: asyncio.Future[bool] | None = None
         self._tools: dict[str, str] = {}
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -532,14 +541,18 @@ class HostManager:
         return self._tools[name]
 
     async def _check_sandbox(self) -> bool:
+        # One probe, however many hosts boot at once.
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._probe_sandbox())
+        sandboxed = await asyncio.shield(self._probe)
         if self._sandboxed is None:
-            self._sandboxed = await self._probe_sandbox()
-            if not self._sandboxed:
+            self._sandboxed = sandboxed
+            if not sandboxed:
                 log.warning(
                     "simulated servers run UNSANDBOXED: their commands can change this machine "
                     "(needs root and util-linux unshare/nsenter/setpriv)"
                 )
-        return self._sandboxed
+        return sandboxed
 
     async def _probe_sandbox(self) -> bool:
         if os.geteuid() != 0:
@@ -568,7 +581,13 @@ class HostManager:
         out_r, out_w = os.pipe()
         try:
             proc = _popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w, env=_TOOL_ENV, cwd="/"
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                env=_TOOL_ENV,
+                cwd="/",
+                start_new_session=True,
             )
         except BaseException:
             os.close(out_r)
@@ -600,7 +619,8 @@ class HostManager:
             await asyncio.wait_for(asyncio.shield(sandbox.child.exited), _STOP_TIMEOUT)
         if not host.running:
             return None
-        await asyncio.to_thread(_prepare_dirs, host)
+        # Not a reboot: /tmp keeps its files.
+        await asyncio.to_thread(_prepare_dirs, host, fresh_tmp=False)
         return await self._start_sandbox(host)
 
     async def _stop(self, host: _Host) -> None:
@@ -647,10 +667,11 @@ class HostManager:
         """
         if self._sandboxed:
             return
-        for child in list(host.children):
-            if not child.exited.done():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, signal.SIGKILL)
+        # By process group: a command's background jobs outlive its shell.
+        for group in host.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        host.groups.clear()
 
     # -- SSH --------------------------------------------------------------
 
@@ -739,6 +760,8 @@ class HostManager:
         sandbox: _Sandbox | None,
         inner: list[str],
         env: dict[str, str],
+        *,
+        pty: bool = False,
         **kwargs: Any,
     ) -> _Child:
         if sandbox is not None:
@@ -753,8 +776,15 @@ class HostManager:
             cwd = "/"
         else:
             argv, cwd = inner, str(host.home)
-        popen = _popen(argv, env=env, cwd=cwd, start_new_session=sandbox is None, **kwargs)
+        # Real servers are other machines: niced, simulated ones leave the client's process
+        # (and its event loop) the CPU it would have.
+        argv = [self._tool("nice"), "-n", str(HOST_NICENESS), *argv]
+        # A session of its own, as sshd gives each (with a pty, setsid -c
+        # does it): no signal for the simulator's terminal reaches it.
+        popen = _popen(argv, env=env, cwd=cwd, start_new_session=not pty, **kwargs)
         child = _Child(popen, asyncio.get_running_loop())
+        if sandbox is None:
+            host.groups.add(popen.pid)
         host.children.add(child)
         child.exited.add_done_callback(lambda _: host.children.discard(child))
         return child
@@ -813,7 +843,9 @@ class HostManager:
         try:
             _set_winsize(master, *process.term_size)
             env["SSH_TTY"] = os.ttyname(slave)
-            child = self._spawn(host, sandbox, inner, env, stdin=slave, stdout=slave, stderr=slave)
+            child = self._spawn(
+                host, sandbox, inner, env, pty=True, stdin=slave, stdout=slave, stderr=slave
+            )
         except BaseException:
             os.close(master)
             raise
@@ -933,14 +965,14 @@ def _cloud_config_host_keys(user_data: str | None) -> list[asyncssh.SSHKey]:
     return keys
 
 
-def _prepare_dirs(host: _Host) -> None:
+def _prepare_dirs(host: _Host, *, fresh_tmp: bool = True) -> None:
     host.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     # /tmp starts empty at every boot; /var/tmp persists, as on Ubuntu.
-    shutil.rmtree(host.private / "tmp", ignore_errors=True)
-    (host.private / "tmp").mkdir(parents=True)
-    (host.private / "tmp").chmod(0o1777)
-    (host.private / "var-tmp").mkdir(parents=True, exist_ok=True)
-    (host.private / "var-tmp").chmod(0o1777)
+    if fresh_tmp:
+        shutil.rmtree(host.private / "tmp", ignore_errors=True)
+    for name in ("tmp", "var-tmp"):
+        (host.private / name).mkdir(parents=True, exist_ok=True)
+        (host.private / name).chmod(0o1777)
 
 
 def _rmtree(*paths: Path) -> None:

@@ -20,7 +20,7 @@ read -r hostpid _ </proc/self/stat
 # blanks as \x20; printf %b undoes that).
 mapfile -t targets < <(findmnt -rn -o TARGET)
 
-hostname "$name"
+hostname "${name:0:64}" # the kernel's limit
 
 # Open the directories first: if they live under /tmp, the private /tmp below
 # hides their host paths. mount -c binds /proc/self/fd/N without resolving it

@@ -106,7 +106,10 @@ class AddressPool:
             os.chmod(_LOCK_DIR, 0o1777)  # shared between users, like /tmp
         self._fh: IO[str] | None = None
         for block in blocks:
-            fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115 - held for life
+            try:  # another user's lock file may not be writable for us: skip that block
+                fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115 - held for life
+            except OSError:
+                continue
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -534,8 +537,9 @@ class Store:
             task = asyncio.current_task()
             if task is not None:
                 task._sim_stuck = True  # type: ignore[attr-defined]  # settle() must not wait for it
-            await asyncio.Event().wait()
-        await asyncio.sleep(action.duration)
+            await asyncio.Event().wait()  # until cancelled
+        else:
+            await asyncio.sleep(action.duration)
         action.finish(action.fail)
         return action.status == "success"
 
@@ -1102,6 +1106,7 @@ class Store:
 
     def _resolve_image(self, value: Any, arch: str) -> Image:
         iid, name = self._id_or_name(value)
+        img: Image | None
         if iid is not None and (iid in self.system_images or iid in self.snapshots):
             img = self.image(iid)
         else:
@@ -1311,6 +1316,8 @@ class Store:
                 self.host_errors.append(f"boot {server.id}: {exc!r}")
                 return
         server.timings.mark("booted")
+        if not ssh_never:  # hosts listen ssh_delay after boot returns
+            server.timings.phases["ssh_expected"] = server.timings.phases["booted"] + ssh_delay
         for rule in self.faults.host_rules("processes_die"):
             if rule.matches_server(server.id, server.name, server.labels):
                 self.spawn(self._kill_later(server, rule))

@@ -60,7 +60,9 @@ class Timing:
         """Scale an explicit duration (fault parameters) like everything else."""
         return seconds * self.time_scale
 
-    def api_latency(self) -> float:
+    def api_latency(self, create_server: bool = False) -> float:
+        if create_server:  # POST /servers takes about 2 s to answer
+            return self._scaled(min(6.0, max(0.8, self.rng.lognormvariate(math.log(1.8), 0.3))))
         # Tens of ms, lognormal around 30 ms.
         return self._scaled(min(0.25, self.rng.lognormvariate(math.log(0.03), 0.35)))
 

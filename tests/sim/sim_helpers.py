@@ -116,6 +116,15 @@ async def wait_action(raw: Raw, action_id: int) -> dict[str, Any]:
         await asyncio.sleep(0)  # let the simulator's tasks run (same loop), not a timing wait
 
 
+async def until(condition: Any, limit: int = 100_000) -> None:
+    """Yield to the event loop until ``condition()`` holds (a condition, not a timed wait)."""
+    for _ in range(limit):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
 async def delete_all(raw: Raw, sim: Any) -> None:
     """Delete every server (waiting for it) then every other resource."""
     for s in list(sim.store.servers.values()):

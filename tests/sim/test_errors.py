@@ -61,6 +61,8 @@ async def test_auth_routing_and_json(asim):
         assert (r.status, r.code) == (400, "json_error")
         r = await raw.post("/servers", [1, 2])
         assert (r.status, r.code) == (422, "invalid_input")
+        r = await raw.post("/servers", {"name": "x" * (5 * 1024 * 1024)})
+        assert r.status == 413
     assert asim.stats.statuses[500] == 0
 
 

@@ -84,6 +84,15 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
 
 
+def running(pid: int) -> bool:
+    """Whether pid exists and is not a zombie (reaped late by the host's init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def names(path: Path) -> list[str]:
     return sorted(os.listdir(path))
 
@@ -259,7 +268,8 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
     assert {"/usr/local/bin", "/usr/bin", "/bin"} <= set(path)
     # Only what sshd and bash set, nothing from the simulator's environment.
     allowed = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "HOSTNAME", "XDG_CACHE_HOME"}
-    allowed |= {"UV_PYTHON_DOWNLOADS", "SSH_CLIENT", "SSH_CONNECTION", "PWD", "SHLVL", "_"}
+    allowed |= {"UV_PYTHON_DOWNLOADS", "UV_NATIVE_TLS", "SSH_CLIENT", "SSH_CONNECTION"}
+    allowed |= {"PWD", "SHLVL", "_"}
     assert set(env) <= allowed
 
 
@@ -280,6 +290,24 @@ async def test_interactive_shell_with_pty(cloud: Cloud) -> None:
         await process.wait()
     assert b"/dev/pts/" in output and b"term=xterm" in output and b"30 100" in output
     assert process.exit_status == 5
+
+
+async def test_command_with_pty_and_hangup_on_disconnect(cloud: Cloud) -> None:
+    await cloud.boot(1)
+    async with cloud.connect(1) as conn:
+        result = await conn.run("tty; echo $TERM", term_type="vt100")
+        assert result.stdout.split() == [result.stdout.split()[0], "vt100"]
+        assert result.stdout.startswith("/dev/pts/")
+        # Without a pty a dropped client leaves the command running (see the
+        # nohup test); with one, sshd's hangup kills it.
+        async with cloud.connect(1) as other:
+            process = await other.create_process("echo go; exec sleep 1002", term_type="vt100")
+            assert (await process.stdout.readline()).strip() == "go"
+
+        async def gone() -> bool:
+            return "sleep 1002" not in (await conn.run("ps -eo args")).stdout
+
+        await eventually(gone, what="SIGHUP to kill the pty's command")
 
 
 # -- SFTP ------------------------------------------------------------------
@@ -616,3 +644,24 @@ async def test_many_hosts_boot_concurrently(cloud: Cloud) -> None:
     results = await asyncio.gather(*(cloud.run(i, "hostname") for i in range(1, count + 1)))
     assert [r.stdout for r in results] == [f"node-{i}\n" for i in range(1, count + 1)]
     assert booted < 30, booted
+
+
+async def test_unsandboxed_fallback(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def unavailable(self: HostManager) -> bool:
+        return False
+
+    monkeypatch.setattr(HostManager, "_probe_sandbox", unavailable)
+    await cloud.boot(1)
+    assert cloud.manager.sandboxed is False
+    assert "UNSANDBOXED" in caplog.text
+    result = await cloud.run(
+        1, "pwd; hostname -s >/dev/null; nohup sleep 1003 > /dev/null 2>&1 & echo $!"
+    )
+    home, pid = result.stdout.split()
+    assert home == str(cloud.manager.directory(1))
+    assert running(int(pid))
+    # Best effort without namespaces: a command's process group dies.
+    await cloud.manager.power_off(1)
+    await eventually(lambda: not running(int(pid)), what="the unsandboxed sleep to die")

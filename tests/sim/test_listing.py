@@ -153,16 +153,16 @@ async def test_two_hundred_servers_list_fast(asim):
         gc.collect()
         gc.freeze()
         names = []
-        for page in range(1, 5):
-            t0 = time.perf_counter()
-            r = await raw.get(
-                "/servers", params={"label_selector": "cluster=big", "page": page, "per_page": 50}
-            )
-            elapsed = time.perf_counter() - t0
-            assert r.status == 200 and len(r.body["servers"]) == 50
-            assert elapsed < 0.1, f"page {page} took {elapsed * 1000:.0f} ms"
-            names += [s["name"] for s in r.body["servers"]]
-        gc.unfreeze()
+        try:
+            for page in range(1, 5):
+                t0 = time.perf_counter()
+                r = await raw.get("/servers", params={"label_selector": "cluster=big", "page": page, "per_page": 50})
+                elapsed = time.perf_counter() - t0
+                assert r.status == 200 and len(r.body["servers"]) == 50
+                assert elapsed < 0.1, f"page {page} took {elapsed * 1000:.0f} ms"
+                names += [s["name"] for s in r.body["servers"]]
+        finally:
+            gc.unfreeze()
         assert names == [f"w-{i:03d}" for i in range(200)]
         assert r.body["meta"]["pagination"]["next_page"] is None
         ips = {s.host_ip for s in asim.store.servers.values()}

@@ -22,6 +22,7 @@ def sim_config(sim) -> dict:
         "hetzner.scheduler-port": 0,
         "hetzner.dashboard-port": 0,
         "hetzner.api.poll-interval": "100ms",
+        # Bounds for a loaded 2-core machine, far below the production defaults.
         "hetzner.timeouts.server-create": "60s",
         "hetzner.timeouts.ssh": "60s",
         "hetzner.timeouts.bootstrap": "600s",
@@ -36,11 +37,14 @@ def sim() -> Iterator:
     """A simulator in a background thread (its own event loop), checked empty at the end."""
     from dask_hetzner.sim import Simulator
 
-    with Simulator() as s:
+    # Every answer is checked against Hetzner's OpenAPI spec while the test runs.
+    with Simulator(validate_responses=True) as s:
         with dask.config.set(sim_config(s)):
             yield s
         leaks = s.leaks()
+        violations = s.violations
     assert leaks == {}, f"resources left behind: {leaks}"
+    assert violations == [], f"simulator answers that violate the spec: {violations}"
 
 
 @pytest.fixture

@@ -272,7 +272,16 @@ class Simulator:
 
     def dask_config(self) -> dict[str, Any]:
         """``hetzner.*`` settings pointing dask-hetzner at this simulator."""
-        return {"hetzner.token": self.token, "hetzner.api-endpoint": self.endpoint, "hetzner.ssh-port": self.ssh_port}
+        return {
+            "hetzner.token": self.token,
+            "hetzner.api-endpoint": self.endpoint,
+            "hetzner.ssh-port": self.ssh_port,
+            # Other programs on this machine may hold 8786/8787: let the scheduler pick.
+            "hetzner.scheduler-port": 0,
+            "hetzner.dashboard-port": 0,
+            # Instant actions: polling once a second would only add waiting.
+            "hetzner.api.poll-interval": "100ms",
+        }
 
     @property
     def stats(self) -> Stats:

@@ -406,6 +406,7 @@ class HostManager:
         self._tools: dict[str, str] = {}
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        _raise_fd_limit()
         # A copy, so the shims are executable whatever the installer did to modes.
         shutil.rmtree(self.shims_dir, ignore_errors=True)
         shutil.copytree(SHIMS_SOURCE, self.shims_dir)
@@ -913,6 +914,19 @@ async def _sandbox_ready(reader: asyncio.StreamReader, child: _Child, server_id:
             message = output.decode(errors="replace").strip()
             raise RuntimeError(f"sandbox of server {server_id} failed: {message}")
         output += line
+
+
+def _raise_fd_limit(wanted: int = 65536) -> None:
+    """Each host holds about 4 fds (+3 a command, +1 a connection): 1024 is too few for 200."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:

@@ -21,7 +21,7 @@ test: $(STAMP) lint
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
-	$(BIN)/dask-hetzner demo
+	$(BIN)/python -m dask_hetzner.demo
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

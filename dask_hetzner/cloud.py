@@ -248,7 +248,13 @@ class Cloud:
         attempt = 0
         while True:
             try:
-                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+                try:
+                    future = loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+                except RuntimeError:
+                    # Python is exiting (atexit cleanup): no thread can start any more, and
+                    # blocking the loop no longer hurts anyone, so call the SDK inline.
+                    return fn(*args, **kwargs)
+                return await future
             except APIException as e:
                 code = e.code
                 transient = code in TRANSIENT_CODES or code in TRANSIENT_STATUSES

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import re
 import secrets
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,28 @@ def check_name(name: str) -> str:
             "starting and ending with a letter or digit (it becomes part of RFC 1123 hostnames)"
         )
     return name
+
+
+_open_clusters: weakref.WeakSet[HetznerCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Delete what is still open when Python exits.
+
+    Registered after distributed's own handler, so it runs first: that one gives each
+    cluster only 10 s, which a graceful close of many servers may not fit in.
+    """
+    for cluster in list(_open_clusters):
+        if cluster.status in (Status.closed, Status.closing) or getattr(cluster, "_detached", False):
+            continue
+        if cluster.asynchronous:
+            logger.warning("cluster %s: still open at exit; close it or run dask-hetzner nuke", cluster.name)
+            continue
+        try:
+            cluster.close(timeout=cluster.context.timeouts["close"])
+        except Exception as e:
+            logger.error("cluster %s: closing at exit failed: %s (run dask-hetzner nuke %s)", cluster.name, e, cluster.name)
 
 
 class HetznerCluster(SpecCluster):
@@ -200,6 +224,7 @@ class HetznerCluster(SpecCluster):
                     self._loop_runner.stop()
             raise
         self._i = count
+        _open_clusters.add(self)
 
     # Start and stop -----------------------------------------------------------------------
 

@@ -91,3 +91,7 @@ def run(workers: int = 2, console: Console | None = None) -> dict[str, Any]:
     table.add_row("resources left behind", str(sum(map(len, summary["leftovers"].values()))))
     console.print(table)
     return summary
+
+
+if __name__ == "__main__":
+    run()

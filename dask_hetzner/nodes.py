@@ -193,7 +193,8 @@ class SchedulerServer(HetznerNode):
                 f"{REMOTE_DIR}/env/bin/dask",
                 "scheduler",
                 "--protocol tls",
-                f"--host {ip}",
+                # Public: also reachable on the public address (the firewall limits who may).
+                f"--host {'0.0.0.0' if ctx.connect == 'public' else ip}",
                 f"--port {ctx.scheduler_port}",
                 f"--dashboard-address {ip}:{ctx.dashboard_port}",
                 f"--scheduler-file {REMOTE_DIR}/scheduler.json",
@@ -214,8 +215,9 @@ class SchedulerServer(HetznerNode):
                 what=f"dask scheduler on {p.server.name}",
                 log=f"{REMOTE_DIR}/scheduler.log",
             )
-            self.contact_address = info["address"]
-            port = int(self.contact_address.rsplit(":", 1)[1])
+            port = int(info["address"].rsplit(":", 1)[1])
+            # Workers always reach the scheduler over the private network.
+            self.contact_address = f"tls://{ip}:{port}"
             self.dashboard_port = info.get("services", {}).get("dashboard")
             ctx.scheduler_private = self.contact_address
             reconnect = lambda: ctx.ssh(p.server.public_ip or "", p.host_key_public)  # noqa: E731

@@ -43,7 +43,8 @@ def sim() -> Iterator:
             yield s
         leaks = s.leaks()
         violations = s.violations
-    assert leaks == {}, f"resources left behind: {leaks}"
+    left = {kind: [r.get("name") or r.get("id") for r in items] for kind, items in leaks.items()}
+    assert leaks == {}, f"resources left behind: {left}"
     assert violations == [], f"simulator answers that violate the spec: {violations}"
 
 

@@ -298,3 +298,53 @@ async def test_event_loop_never_stalls_while_ten_workers_start(sim_process):
         stop.set()
         await probe
     assert worst < 0.1, f"event loop stalled {worst * 1000:.0f} ms"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def test_connect_public_opens_only_the_scheduler_port(sim):
+    port = _free_port()
+    with dask.config.set({"hetzner.scheduler-port": port, "hetzner.allowed-cidrs": ["127.0.0.0/8"]}):
+        with HetznerCluster(workers=1, name="pub1", connect="public") as cluster:
+            (sched,) = [s for s in servers_of(sim, "pub1") if s.name == "pub1-scheduler"]
+            assert cluster.scheduler_address == f"tls://{sched.public_net.ipv4.ip}:{port}"
+            (fw,) = sdk(sim).firewalls.get_all(label_selector=f"{LABEL_CLUSTER}=pub1")
+            inbound = {(r.protocol, r.port) for r in fw.rules if r.direction == "in"}
+            assert inbound == {("tcp", "22"), ("icmp", None), ("tcp", str(port))}
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=120)
+                assert client.submit(lambda: 7).result(timeout=60) == 7
+
+
+def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
+    """A script that forgets close(): Python's exit deletes the servers."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "forget.py"
+    script.write_text(
+        "from dask_hetzner import HetznerCluster\n"
+        "cluster = HetznerCluster(workers=1, name='exit1')\n"
+        "print('up', flush=True)\n"
+    )
+    env = {
+        **os.environ,
+        "HCLOUD_TOKEN": sim.token,
+        "HCLOUD_ENDPOINT": sim.endpoint,
+        "DASK_HETZNER__SCHEDULER_PORT": "0",
+        "DASK_HETZNER__DASHBOARD_PORT": "0",
+        "DASK_HETZNER__API__POLL_INTERVAL": "100ms",
+    }
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.strip() == "up", out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sim.leaks() == {}

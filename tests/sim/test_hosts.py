@@ -97,20 +97,29 @@ def names(path: Path) -> list[str]:
     return sorted(os.listdir(path))
 
 
-def pid_namespace(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")
+Ident = tuple[int, str]
 
 
-def pids_in(namespaces: set[str]) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry.name}/ns/pid") in namespaces:
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+def identity(pid: int) -> Ident | None:
+    """(pid, start time): tells a process from a later one that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return pid, fields[19]  # field 22, starttime
+
+
+def alive(ident: Ident | None) -> bool:
+    """Whether that very process still runs (a zombie does not count)."""
+    if ident is None:
+        return False
+    try:
+        with open(f"/proc/{ident[0]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == ident[1] and fields[0] != "Z"
 
 
 def pids_mentioning(text: str) -> list[int]:
@@ -135,7 +144,7 @@ class Cloud:
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         self.host_keys: dict[int, asyncssh.SSHKey] = {}
         self.specs: dict[int, HostSpec] = {}
-        self.namespaces: set[str] = set()
+        self.inits: list[Ident | None] = []
 
     async def boot(self, server_id: int, **kwargs: Any) -> HostSpec:
         public, private = self.net.pair()
@@ -155,15 +164,13 @@ class Cloud:
         return spec
 
     def track(self, server_id: int) -> None:
-        """Remember the server's pid namespace, to check nothing outlives it."""
+        """Remember the server's init: when it is gone, so is every process of the server."""
         pid = self.manager.init_pid(server_id)
         if pid is not None:
-            self.namespaces.add(pid_namespace(pid))
+            self.inits.append(identity(pid))
 
-    def namespace(self, server_id: int) -> str:
-        pid = self.manager.init_pid(server_id)
-        assert pid is not None
-        return pid_namespace(pid)
+    def processes(self, server_id: int) -> list[Ident | None]:
+        return [identity(pid) for pid in self.manager.processes(server_id)]
 
     def connect(self, server_id: int, **kwargs: Any) -> Any:
         spec = self.specs[server_id]
@@ -195,7 +202,7 @@ async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
         await cloud.manager.close()
     # Nothing may outlive close(): no process of any server, no nsenter or
     # unshare, no directory but the (empty) root.
-    assert pids_in(cloud.namespaces) == []
+    assert [init for init in cloud.inits if alive(init)] == []
     assert pids_mentioning(str(tmp_path)) == []
     assert list((tmp_path / "hosts").iterdir()) == []
 
@@ -436,7 +443,6 @@ async def test_only_the_servers_processes_are_visible(cloud: Cloud) -> None:
 async def test_nohup_survives_disconnect_and_power_off_kills_it(cloud: Cloud) -> None:
     await cloud.boot(1)
     cloud.require_sandbox()
-    namespace = cloud.namespace(1)
     result = await cloud.run(1, "nohup sleep 1000 > /dev/null 2>&1 & echo $!")
     pid = int(result.stdout)
     # A foreground command of a dropped connection keeps running too.
@@ -446,12 +452,11 @@ async def test_nohup_survives_disconnect_and_power_off_kills_it(cloud: Cloud) ->
     ps = (await cloud.run(1, "ps -eo args")).stdout
     assert "sleep 1000" in ps and "sleep 1001" in ps
     assert (await cloud.run(1, f"kill -0 {pid}")).exit_status == 0
-    on_host = cloud.manager.processes(1)
+    on_host = cloud.processes(1)
     assert len(on_host) >= 4  # init, its sleep, sleep 1000, sleep 1001
 
     await cloud.manager.power_off(1)
-    assert pids_in({namespace}) == []
-    assert not any(exists(f"/proc/{p}") and pid_namespace(p) == namespace for p in on_host)
+    assert [p for p in on_host if alive(p)] == []
     with pytest.raises(OSError):
         async with cloud.connect(1):
             pass
@@ -474,9 +479,10 @@ async def test_double_forked_daemon_dies_with_the_server(cloud: Cloud) -> None:
     await eventually(lambda: pidfile.exists() and pidfile.read_text(), what="daemon pid file")
     ns_pid = int(pidfile.read_text())
     assert (await cloud.run(1, f"kill -0 {ns_pid}")).exit_status == 0
-    namespace = cloud.namespace(1)
+    on_host = cloud.processes(1)
+    assert len(on_host) >= 3  # init, its sleep, the daemon
     await cloud.manager.power_off(1)
-    assert pids_in({namespace}) == []
+    assert [p for p in on_host if alive(p)] == []
 
 
 async def test_signal_requests_are_ignored(cloud: Cloud) -> None:
@@ -498,12 +504,13 @@ async def test_signal_requests_are_ignored(cloud: Cloud) -> None:
 async def test_kill_processes_keeps_ssh(cloud: Cloud) -> None:
     await cloud.boot(1)
     cloud.require_sandbox()
-    namespace = cloud.namespace(1)
     await cloud.run(1, "nohup sleep 1000 > /dev/null 2>&1 &")
+    old = cloud.processes(1)
+    assert len(old) >= 3
     async with cloud.connect(1) as conn:
         cloud.manager.kill_processes(1)
         assert (await conn.run("ps -eo args")).stdout.count("sleep 1000") == 0
-    await eventually(lambda: pids_in({namespace}) == [], what="old processes to go")
+    await eventually(lambda: not any(alive(p) for p in old), what="old processes to go")
     cloud.track(1)
     assert (await cloud.run(1, "echo still here")).stdout == "still here\n"
 

@@ -67,14 +67,22 @@ def run(workers: int = 2, console: Console | None = None) -> dict[str, Any]:
                         raise TimeoutError("scaling down to 1 worker took over 300 s")
                     time.sleep(0.2)
                 say("1 worker left.")
-                summary["peak_hourly_cost_eur"] = round(
-                    cluster.hourly_cost / (1 + 1) * (3 + 1), 4
-                )
+                # Each server Hetzner bills is charged at least one started hour.
+                ctx = cluster.context
+                types = ctx.cloud._types or {}
+                per_hour = {
+                    "scheduler": types[ctx.scheduler_type].hourly[ctx.location],
+                    "worker": types[ctx.worker_type].hourly[ctx.location],
+                }
             say("\n[bold]5.[/bold] Closing: every server, the network, firewall and key are deleted.")
         elapsed = time.monotonic() - t0
         summary["total_s"] = round(elapsed, 1)
         summary["leftovers"] = sim.leaks()
         summary["api_requests"] = sim.stats["total"]
+        summary["servers_created"] = sim.stats.ok.get("POST /servers", 0)
+        summary["cost_eur"] = round(
+            per_hour["scheduler"] + (summary["servers_created"] - 1) * per_hour["worker"], 4
+        )
 
     table = Table(title="dask-hetzner demo summary")
     table.add_column("what")
@@ -84,9 +92,10 @@ def run(workers: int = 2, console: Console | None = None) -> dict[str, Any]:
     table.add_row("tasks computed", str(summary["tasks_computed"]))
     table.add_row("total run time", f"{summary['total_s']} s")
     table.add_row("API requests", str(summary["api_requests"]))
+    table.add_row("servers created", str(summary["servers_created"]))
     table.add_row(
-        "cost on Hetzner (billed hourly, at most 4 servers)",
-        f"{summary['peak_hourly_cost_eur']:.4f} EUR for the first hour",
+        "what it would have cost on Hetzner (each server billed one started hour)",
+        f"{summary['cost_eur']:.4f} EUR",
     )
     table.add_row("resources left behind", str(sum(map(len, summary["leftovers"].values()))))
     console.print(table)

@@ -12,10 +12,13 @@ like OpenSSH for ``root`` on Ubuntu 24.04:
   started without a pty survives the client's disconnect, only its pipes are
   closed (writes then fail with EPIPE/SIGPIPE); with a pty, the disconnect
   hangs the terminal up (SIGHUP);
-* interactive shells and commands with a pty (``ssh -t``);
+* commands run as ``bash -c``; shells as ``bash`` (``bash -i`` with a pty,
+  job control and window size included), not login shells, since Debian's
+  /etc/profile would drop the shims from PATH;
 * SFTP: relative paths resolve against HOME; absolute paths are the host's,
   but writes are refused outside the server's directory and its /tmp;
-* local port forwarding (direct-tcpip) to loopback addresses only.
+* local port forwarding (direct-tcpip) to loopback addresses only; remote
+  forwarding, agent and X11 forwarding are refused.
 
 Commands run on this machine, in a per-server sandbox (``sandbox.sh``): an
 "init" in new mount, pid and UTS namespaces where every mount is read-only
@@ -32,9 +35,16 @@ Inside a server: ``HOME`` = the server's directory, ``USER=root``, ``PATH`` =
 the shims (``shims/README.md``), the host Python's base ``bin`` (``python3``
 is the real interpreter), then the usual Ubuntu root PATH; ``XDG_CACHE_HOME``
 = the shared cache (uv's and pip's caches, the stand-in for a nearby package
-mirror); ``UV_PYTHON_DOWNLOADS=never``; ``LANG=C.UTF-8``; ``HOSTNAME``; and
-what sshd adds (``SSH_CONNECTION``, ``SSH_CLIENT``, ``TERM``/``SSH_TTY`` with a
-pty). Nothing else of the simulator's environment.
+mirror); ``UV_PYTHON_DOWNLOADS=never``; ``UV_NATIVE_TLS=1``; ``LANG=C.UTF-8``;
+``HOSTNAME``; and what sshd adds (``SSH_CONNECTION``, ``SSH_CLIENT``,
+``TERM``/``SSH_TTY`` with a pty). Nothing else of the simulator's environment.
+Commands run niced (``HOST_NICENESS``), so the client keeps its CPU share.
+
+Costs (2-core VM, measured with 200 hosts): ~90 ms to boot one host (the
+sandbox's ~35 ``mount`` calls), 200 concurrently in 7-12 s; per host 3 small
+processes (unshare, the init, its sleep; ~0.3 MB PSS, ~1 MB of the machine's
+memory all in), 4 fds in the simulator (2 listeners, 2 pidfds; +1 a
+connection, +4 a running command), no threads.
 
 Layout under ``root_dir``: ``<server_id>/`` is a server's directory (HOME,
 kept while the server is off, removed by ``destroy``); ``.private/<server_id>/``

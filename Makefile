@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install --python $(BIN)/python -q -e ".[test,docs,jupyter]"
+	$(BIN)/uv pip install --python $(BIN)/python -q -e ".[test,docs,jupyter,bench]"
 	touch $@
 
 lint: $(STAMP)

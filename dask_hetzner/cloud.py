@@ -9,11 +9,12 @@ fault (429, 423, 409 conflict, 5xx, timeouts) with backoff that follows ``RateLi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -69,6 +70,10 @@ class CloudError(Exception):
         super().__init__(text)
 
 
+class ActionFailed(CloudError):
+    """An action (e.g. create_server) ended in error; its resource may still exist."""
+
+
 class ConfigError(ValueError):
     """A user choice (type, location, image, token, ...) is not valid; raised before creating anything."""
 
@@ -113,6 +118,8 @@ class ServerInfo:
     public_ip: str | None
     private_ip: str | None
     created: str
+    # The create_server action, when this came from our own POST: how a failed create shows.
+    action_id: int | None = None
 
     @property
     def role(self) -> str | None:
@@ -129,6 +136,15 @@ class ClusterResources:
     placement_groups: list[int] = field(default_factory=list)
     ssh_keys: list[int] = field(default_factory=list)
     images: list[int] = field(default_factory=list)
+    # placement group id -> ids of its servers (to reuse groups when reattaching)
+    group_servers: dict[int, list[int]] = field(default_factory=dict)
+    # ISO-8601 creation time of the oldest resource (for ``ls``: a cluster's age)
+    created: str | None = None
+
+    def _saw(self, obj: Any) -> None:
+        when = _iso(getattr(obj, "created", None))
+        if when and (self.created is None or when < self.created):
+            self.created = when
 
     def __len__(self) -> int:
         return sum(
@@ -144,10 +160,14 @@ class ClusterResources:
         )
 
 
+def _iso(when: Any) -> str:
+    return when.isoformat() if hasattr(when, "isoformat") else str(when or "")
+
+
 def _server_info(server: Any) -> ServerInfo:
     pub = server.public_net.ipv4.ip if server.public_net and server.public_net.ipv4 else None
     priv = server.private_net[0].ip if server.private_net else None
-    created = server.created.isoformat() if hasattr(server.created, "isoformat") else str(server.created)
+    created = _iso(server.created)
     return ServerInfo(
         id=server.id,
         name=server.name,
@@ -162,13 +182,20 @@ def _server_info(server: Any) -> ServerInfo:
 
 
 class RateLimit:
-    """What the API's ``RateLimit-*`` headers last said, shared by all threads."""
+    """What the API's ``RateLimit-*`` headers last said, shared by all threads.
+
+    Hetzner refills the bucket linearly until ``RateLimit-Reset`` (unix time of a full
+    bucket). Once the headers say it is empty, requests queue here one refill period apart
+    instead of running into 429s.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.limit: int | None = None
         self.remaining: int | None = None
         self.reset: float | None = None
+        self._at = 0.0  # time.time() of the last headers
+        self._sent = 0  # requests started since the last headers
 
     def update(self, headers: Any) -> None:
         try:
@@ -179,16 +206,37 @@ class RateLimit:
             return
         with self._lock:
             self.limit, self.remaining, self.reset = limit, remaining, reset
+            self._at = time.time()
+            self._sent = 0
 
-    def wait_for_token(self) -> float:
-        """Seconds until the bucket holds one more request, from the last headers."""
+    def exhausted(self) -> None:
+        """A 429 arrived (perhaps without headers): the bucket is empty now."""
+        with self._lock:
+            if self.limit is not None:
+                self.remaining = 0
+                self._at = time.time()
+                self._sent = 0
+
+    def _per_token(self) -> float:
+        assert self.limit is not None and self.remaining is not None and self.reset is not None
+        missing = self.limit - self.remaining
+        span = self.reset - self._at
+        if missing > 0 and span > 0:
+            return span / missing
+        return 3600.0 / self.limit  # the documented refill: the whole limit in an hour
+
+    def delay(self) -> float:
+        """Seconds the next request should wait so that it finds a token in the bucket."""
         with self._lock:
             if self.limit is None or self.remaining is None or self.reset is None:
-                return 1.0
-            missing = max(1, self.limit - self.remaining)
-            # Reset is when the bucket is full again; it refills linearly until then.
-            per_token = max(0.0, self.reset - time.time()) / missing
-            return min(60.0, max(per_token, 0.2))
+                return 0.0
+            per = self._per_token()
+            available = self.remaining + (time.time() - self._at) / per - self._sent
+            self._sent += 1
+            if available >= 1:
+                return 0.0
+            # Each queued request finds `available` one lower: they leave one period apart.
+            return min(60.0, (1.0 - available) * per)
 
 
 class Cloud:
@@ -203,6 +251,8 @@ class Cloud:
         request_timeout: float = 30.0,
         max_retries: int = 8,
         poll_interval: float = 1.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
     ) -> None:
         if not token:
             raise ConfigError(
@@ -211,9 +261,13 @@ class Cloud:
         self.endpoint = endpoint
         self.max_retries = max_retries
         self.poll_interval = poll_interval
+        self.request_timeout = request_timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
         self.rate = RateLimit()
         self.requests = 0
         self.rate_limited = 0
+        self.retries = 0
         self._count_lock = threading.Lock()
         self._client = Client(
             token=token,
@@ -227,6 +281,8 @@ class Cloud:
         base._retry_max_retries = 0
         base._session.hooks["response"].append(self._on_response)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hcloud")
+        # Requests running in threads; teardown waits for them (a cancelled create may succeed).
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._catalog_lock = asyncio.Lock()
         self._types: dict[str, ServerTypeInfo] | None = None
         self._locations: dict[str, LocationInfo] | None = None
@@ -242,36 +298,95 @@ class Cloud:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client._client._session.close()
 
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry number ``attempt`` (0-based): exponential, jittered, capped."""
+        return min(self.backoff_max, self.backoff_base * 2.0**attempt) * random.uniform(0.5, 1.0)
+
     async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one SDK call in a thread, retrying transient faults; errors name ``what``."""
-        loop = asyncio.get_running_loop()
+        return await self._call(what, fn, args, kwargs, None)
+
+    async def _call(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        undo: Callable[[T], Awaitable[None]] | None,
+    ) -> T:
+        """``call``; with ``undo``, a result that arrives after a cancellation is undone."""
         attempt = 0
         while True:
+            wait = self.rate.delay()
+            if wait > 0:
+                # The bucket is empty (RateLimit-Reset says when it refills): queue for a token.
+                await asyncio.sleep(wait)
             try:
                 try:
-                    future = loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+                    cf = self._pool.submit(fn, *args, **kwargs)
                 except RuntimeError:
                     # Python is exiting (atexit cleanup): no thread can start any more, and
                     # blocking the loop no longer hurts anyone, so call the SDK inline.
                     return fn(*args, **kwargs)
-                return await future
+                self._inflight.add(cf)
+                cf.add_done_callback(self._inflight.discard)
+                try:
+                    return await asyncio.wrap_future(cf)
+                except asyncio.CancelledError:
+                    # A request already sent goes on in its thread; what it creates is undone.
+                    if undo is not None and not cf.cancelled():
+                        await self._undo_late(what, cf, undo)
+                    raise
             except APIException as e:
                 code = e.code
                 transient = code in TRANSIENT_CODES or code in TRANSIENT_STATUSES
                 if not transient or attempt >= self.max_retries:
                     raise CloudError(what, code, e.message) from None
                 if code == "rate_limit_exceeded" or code == 429:
-                    delay = self.rate.wait_for_token() + random.uniform(0, 0.5)
-                else:
-                    delay = random.uniform(0.5, min(30.0, 2.0**attempt))
-                logger.info("%s: %s, retrying in %.1f s", what, code, delay)
+                    # Also without headers (a proxy's 429): the next request queues for a token.
+                    self.rate.exhausted()
+                delay = self.backoff(attempt)
+                logger.info("%s: %s, retrying in %.2f s", what, code, delay)
             except (requests.ConnectionError, requests.Timeout) as e:
                 if attempt >= self.max_retries:
                     raise CloudError(what, type(e).__name__, "API not reachable") from None
-                delay = random.uniform(0.5, min(30.0, 2.0**attempt))
-                logger.info("%s: %s, retrying in %.1f s", what, type(e).__name__, delay)
+                delay = self.backoff(attempt)
+                logger.info("%s: %s, retrying in %.2f s", what, type(e).__name__, delay)
             attempt += 1
+            with self._count_lock:
+                self.retries += 1
             await asyncio.sleep(delay)
+
+    async def _undo_late(
+        self, what: str, cf: concurrent.futures.Future[T], undo: Callable[[T], Awaitable[None]]
+    ) -> None:
+        try:
+            # Bounded by the request timeout the SDK was given.
+            result = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(cf)), self.request_timeout + 5
+            )
+        except Exception:
+            return  # it failed: nothing was created
+        try:
+            await undo(result)
+        except Exception as e:
+            logger.warning("%s: undoing after cancellation failed: %s", what, e)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for requests still running in threads, e.g. of cancelled callers."""
+        pending = [asyncio.wrap_future(cf) for cf in list(self._inflight)]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    async def action_error(self, action_id: int) -> tuple[str, str] | None:
+        """``(code, message)`` if the action ended in error, else None."""
+        action = await self.call(
+            f"reading action {action_id}", self._client.actions.get_by_id, action_id
+        )
+        if action.status != "error":
+            return None
+        error = action.error or {}
+        return str(error.get("code") or "action_failed"), str(error.get("message") or "")
 
     # Catalog ------------------------------------------------------------------------------
 
@@ -376,40 +491,97 @@ class Cloud:
 
     # Shared resources ---------------------------------------------------------------------
 
+    async def _create_named(
+        self,
+        what: str,
+        kind: str,
+        name: str,
+        labels: dict[str, str],
+        create: Callable[..., Any],
+        created_id: Callable[[Any], int],
+        lookup: Callable[[str], Any],
+        delete: Callable[[int], Any],
+        **kwargs: Any,
+    ) -> Any:
+        """POST a named resource and return the SDK's answer (or the adopted resource).
+
+        A 409 ``uniqueness_error`` on a resource carrying this cluster's labels means an
+        earlier attempt of this very POST succeeded (it timed out or met a 5xx on the way
+        back): that one is adopted. A result arriving after a cancellation is deleted.
+        """
+
+        async def undo(result: Any) -> None:
+            await self.call(f"deleting {kind} {name}", delete, created_id(result))
+
+        try:
+            return await self._call(
+                what, create, (), {"name": name, "labels": labels, **kwargs}, undo
+            )
+        except CloudError as e:
+            if e.code != "uniqueness_error":
+                raise
+            existing = await self.call(f"looking up {kind} {name}", lookup, name)
+            if existing is None or any(
+                (existing.labels or {}).get(k) != v for k, v in labels.items()
+            ):
+                raise CloudError(
+                    what,
+                    e.code,
+                    f"{e.api_message}; a {kind} named {name!r} exists that is not this "
+                    "cluster's (a leftover?): delete it or choose another cluster name",
+                ) from None
+            logger.info("%s: adopting the %s an earlier attempt created", what, kind)
+            return existing
+
     async def create_ssh_key(self, name: str, public_key: str, labels: dict[str, str]) -> int:
-        key = await self.call(
+        c = self._client
+        key = await self._create_named(
             f"creating SSH key {name}",
-            self._client.ssh_keys.create,
-            name=name,
+            "SSH key",
+            name,
+            labels,
+            c.ssh_keys.create,
+            lambda r: r.id,
+            c.ssh_keys.get_by_name,
+            lambda i: c.ssh_keys.delete(SSHKey(id=i)),
             public_key=public_key,
-            labels=labels,
         )
         return key.id
 
     async def create_network(
         self, name: str, ip_range: str, subnet: str, network_zone: str, labels: dict[str, str]
     ) -> int:
-        network = await self.call(
+        c = self._client
+        network = await self._create_named(
             f"creating network {name}",
-            self._client.networks.create,
-            name=name,
+            "network",
+            name,
+            labels,
+            c.networks.create,
+            lambda r: r.id,
+            c.networks.get_by_name,
+            lambda i: c.networks.delete(Network(id=i)),
             ip_range=ip_range,
             subnets=[NetworkSubnet(type="cloud", ip_range=subnet, network_zone=network_zone)],
-            labels=labels,
         )
         return network.id
 
     async def create_firewall(
         self, name: str, rules: list[dict[str, Any]], labels: dict[str, str]
     ) -> int:
-        response = await self.call(
+        c = self._client
+        result = await self._create_named(
             f"creating firewall {name}",
-            self._client.firewalls.create,
-            name=name,
+            "firewall",
+            name,
+            labels,
+            c.firewalls.create,
+            lambda r: r.firewall.id,
+            c.firewalls.get_by_name,
+            lambda i: c.firewalls.delete(Firewall(id=i)),
             rules=[FirewallRule(**rule) for rule in rules],
-            labels=labels,
         )
-        return response.firewall.id
+        return result.firewall.id if hasattr(result, "firewall") else result.id
 
     async def set_firewall_rules(self, firewall_id: int, rules: list[dict[str, Any]]) -> None:
         await self.call(
@@ -428,14 +600,19 @@ class Cloud:
         ]
 
     async def create_placement_group(self, name: str, labels: dict[str, str]) -> int:
-        response = await self.call(
+        c = self._client
+        result = await self._create_named(
             f"creating placement group {name}",
-            self._client.placement_groups.create,
-            name=name,
+            "placement group",
+            name,
+            labels,
+            c.placement_groups.create,
+            lambda r: r.placement_group.id,
+            c.placement_groups.get_by_name,
+            lambda i: c.placement_groups.delete(PlacementGroup(id=i)),
             type="spread",
-            labels=labels,
         )
-        return response.placement_group.id
+        return result.placement_group.id if hasattr(result, "placement_group") else result.id
 
     # Servers ------------------------------------------------------------------------------
 
@@ -453,35 +630,30 @@ class Cloud:
         user_data: str,
         labels: dict[str, str],
     ) -> ServerInfo:
-        what = f"creating server {name} ({server_type} in {location})"
-        try:
-            response = await self.call(
-                what,
-                self._client.servers.create,
-                name=name,
-                server_type=ServerType(name=server_type),
-                image=Image(name=image),
-                location=Location(name=location),
-                ssh_keys=[SSHKey(id=ssh_key_id)],
-                networks=[Network(id=network_id)],
-                firewalls=[Firewall(id=firewall_id)],
-                placement_group=PlacementGroup(id=placement_group_id)
-                if placement_group_id
-                else None,
-                user_data=user_data,
-                labels=labels,
-            )
-        except CloudError as e:
-            if e.code != "uniqueness_error":
-                raise
-            # A POST that timed out client-side may have succeeded: adopt it if it is ours.
-            existing = await self.call(
-                f"looking up server {name}", self._client.servers.get_by_name, name
-            )
-            if existing is None or any(existing.labels.get(k) != v for k, v in labels.items()):
-                raise
-            return _server_info(existing)
-        return _server_info(response.server)
+        c = self._client
+        result = await self._create_named(
+            f"creating server {name} ({server_type} in {location})",
+            "server",
+            name,
+            labels,
+            c.servers.create,
+            lambda r: r.server.id,
+            c.servers.get_by_name,
+            lambda i: c.servers.delete(Server(id=i)),
+            server_type=ServerType(name=server_type),
+            image=Image(name=image),
+            location=Location(name=location),
+            ssh_keys=[SSHKey(id=ssh_key_id)],
+            networks=[Network(id=network_id)],
+            firewalls=[Firewall(id=firewall_id)],
+            placement_group=PlacementGroup(id=placement_group_id) if placement_group_id else None,
+            user_data=user_data,
+        )
+        if not hasattr(result, "server"):
+            return _server_info(result)  # adopted: its create action is unknown
+        info = _server_info(result.server)
+        info.action_id = result.action.id if result.action else None
+        return info
 
     async def servers(self, label_selector: str) -> list[ServerInfo]:
         servers = await self.call(
@@ -514,14 +686,18 @@ class Cloud:
             self.call("listing SSH keys", c.ssh_keys.get_all, label_selector=sel),
             self.call("listing snapshots", c.images.get_all, label_selector=sel, type=["snapshot"]),
         )
-        return ClusterResources(
+        found = ClusterResources(
             servers=servers,
             networks=[n.id for n in networks],
             firewalls=[f.id for f in firewalls],
             placement_groups=[g.id for g in groups],
             ssh_keys=[k.id for k in keys],
             images=[i.id for i in images],
+            group_servers={g.id: list(g.servers or []) for g in groups},
         )
+        for obj in (*servers, *networks, *firewalls, *groups, *keys, *images):
+            found._saw(obj)
+        return found
 
     async def all_clusters(self) -> dict[str, ClusterResources]:
         """Every cluster of the project, by the cluster label (never by name prefix)."""
@@ -548,21 +724,44 @@ class Cloud:
             bucket(f).firewalls.append(f.id)
         for g in groups:
             bucket(g).placement_groups.append(g.id)
+            bucket(g).group_servers[g.id] = list(g.servers or [])
         for k in keys:
             bucket(k).ssh_keys.append(k.id)
         for i in images:
             bucket(i).images.append(i.id)
+        for obj in (*servers, *networks, *firewalls, *groups, *keys, *images):
+            bucket(obj)._saw(obj)
         return out
 
     async def delete_cluster(self, cluster: str, *, timeout: float) -> ClusterResources:
         """Delete everything labelled with ``cluster``, servers first, and wait until it is gone.
 
-        Safe on a half-created cluster and idempotent; returns what was found.
+        Safe on a half-created cluster and idempotent; returns what was found. Every delete
+        runs in parallel, so the time does not grow with the number of servers.
         """
         deadline = time.monotonic() + timeout
+        # A create still in flight (its caller was cancelled) must land before the listing.
+        await self.drain(min(timeout, self.request_timeout + 5))
         found = await self.cluster_resources(cluster)
+        todo = found
+        while True:
+            await self._delete_found(cluster, todo, deadline)
+            # Only a listing after the deletes proves nothing was created meanwhile.
+            todo = await self.cluster_resources(cluster)
+            if not len(todo):
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"deleting cluster {cluster}: {len(todo)} resources still exist after "
+                    f"{timeout:.0f} s (servers: {', '.join(s.name for s in todo.servers) or 'none'})"
+                )
+            for key in ("servers", "networks", "firewalls", "placement_groups", "ssh_keys", "images"):
+                getattr(found, key).extend(getattr(todo, key))
+
+    async def _delete_found(self, cluster: str, found: ClusterResources, deadline: float) -> None:
         await asyncio.gather(*(self.delete_server(s.id) for s in found.servers))
-        await self.wait_servers_gone(selector(cluster), deadline=deadline)
+        if found.servers:
+            await self.wait_servers_gone(selector(cluster), deadline=deadline)
         c = self._client
         # Detaching lags behind server deletion: resource_in_use is retried until the deadline.
         await asyncio.gather(
@@ -595,7 +794,6 @@ class Cloud:
                 for i in found.networks
             )
         )
-        return found
 
     async def _delete_until(self, what: str, fn: Callable[[Any], Any], ref: Any, deadline: float) -> None:
         attempt = 0
@@ -608,8 +806,8 @@ class Cloud:
                     return
                 if e.code != "resource_in_use" or time.monotonic() > deadline:
                     raise
+            await asyncio.sleep(min(self.backoff(attempt), max(0.0, deadline - time.monotonic())))
             attempt += 1
-            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
     async def wait_servers_gone(self, label_selector: str, *, deadline: float) -> None:
         while True:
@@ -624,30 +822,48 @@ class Cloud:
             await asyncio.sleep(self.poll_interval)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    statuses: set[str]
+    registered: float
+    future: asyncio.Future[ServerInfo]
+    what: str
+    action_id: int | None
+
+
 class ServerWatcher:
     """One poller for a whole cluster: waiting for N servers costs one list request per interval.
 
     Waiters register a server id and the statuses they want; the poll loop runs only while
-    someone waits, so an idle cluster makes no requests.
+    someone waits, so an idle cluster makes no requests. A server waited for as running
+    that shows ``off`` gets its create action read once a poll: an action that ended in
+    error (README fault 5) fails the wait at once instead of at its timeout.
     """
 
     def __init__(self, cloud: Cloud, label_selector: str, interval: float) -> None:
         self.cloud = cloud
         self.label_selector = label_selector
         self.interval = interval
-        # server id -> [(wanted statuses, registered at, future)]
-        self._waiters: dict[int, list[tuple[set[str], float, asyncio.Future[ServerInfo]]]] = {}
+        self._waiters: dict[int, list[_Waiter]] = {}
         self._task: asyncio.Task[None] | None = None
         self.last: dict[int, ServerInfo] = {}
 
-    async def wait(self, server_id: int, statuses: set[str], *, timeout: float, what: str) -> ServerInfo:
+    async def wait(
+        self,
+        server_id: int,
+        statuses: set[str],
+        *,
+        timeout: float,
+        what: str,
+        action_id: int | None = None,
+    ) -> ServerInfo:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[ServerInfo] = loop.create_future()
-        self._waiters.setdefault(server_id, []).append((statuses, time.monotonic(), fut))
+        waiter = _Waiter(statuses, time.monotonic(), loop.create_future(), what, action_id)
+        self._waiters.setdefault(server_id, []).append(waiter)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(waiter.future, timeout)
         except asyncio.TimeoutError:
             last = self.last.get(server_id)
             state = last.status if last else "unknown"
@@ -657,7 +873,7 @@ class ServerWatcher:
             ) from None
         finally:
             waiters = self._waiters.get(server_id, [])
-            waiters[:] = [w for w in waiters if w[2] is not fut]
+            waiters[:] = [w for w in waiters if w is not waiter]
             if not waiters:
                 self._waiters.pop(server_id, None)
 
@@ -677,27 +893,42 @@ class ServerWatcher:
                 servers = await self.cloud.servers(self.label_selector)
             except CloudError as e:
                 for waiters in list(self._waiters.values()):
-                    for _, _, fut in waiters:
-                        if not fut.done():
-                            fut.set_exception(e)
+                    for w in waiters:
+                        if not w.future.done():
+                            w.future.set_exception(e)
                 return
             self.last = {s.id: s for s in servers}
+            off: list[_Waiter] = []
             for server_id, waiters in list(self._waiters.items()):
                 info = self.last.get(server_id)
-                for statuses, registered, fut in waiters:
-                    if fut.done():
+                for w in waiters:
+                    if w.future.done():
                         continue
                     # Only a list that began after the wait began can prove the server is gone.
-                    if info is None and registered < started:
-                        fut.set_exception(
+                    if info is None and w.registered < started:
+                        w.future.set_exception(
                             CloudError(f"waiting for server {server_id}", "not_found", "server vanished")
                         )
-                    elif info is not None and info.status in statuses:
-                        fut.set_result(info)
+                    elif info is not None and info.status in w.statuses:
+                        w.future.set_result(info)
+                    elif info is not None and info.status == "off" and w.action_id is not None:
+                        off.append(w)
+            if off:
+                await self._check_actions(off)
             if not self._waiters:
                 return
             # New waiters do not shorten the interval: the next poll serves them all.
             await asyncio.sleep(self.interval)
+
+    async def _check_actions(self, waiters: list[_Waiter]) -> None:
+        results = await asyncio.gather(
+            *(self.cloud.action_error(w.action_id or 0) for w in waiters),
+            return_exceptions=True,
+        )
+        for w, result in zip(waiters, results, strict=True):
+            if isinstance(result, tuple) and not w.future.done():
+                code, message = result
+                w.future.set_exception(ActionFailed(w.what, code, message))
 
     def stop(self) -> None:
         if self._task is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from . import remote
 from .cloud import (
     LABEL_CLUSTER,
     LABEL_ROLE,
+    ActionFailed,
     Cloud,
     CloudError,
     ConfigError,
@@ -25,7 +26,9 @@ from .cloud import (
     ServerWatcher,
     selector,
 )
+from .idle import IdleSettings
 from .security import ClusterCA, SSHKeyPair, TLSCert
+from .state import ClusterState
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +95,14 @@ class ClusterContext:
         self.firewall_id: int | None = None
         self._groups: list[_Group] = []
         self._group_lock = asyncio.Lock()
+        self._sold_out: set[tuple[str, str]] = set()  # (server type, location) that said 412
         self._provisioning: dict[str, asyncio.Task[Any]] = {}
         self.scheduler_private: str | None = None
         self.dashboard_link: str | None = None
+        # Set by the cluster: the local state directory that pins follow as servers come and go.
+        self.state: ClusterState | None = None
+        # Set by the cluster when idle_timeout is on: the scheduler's server gets the token.
+        self.idle: IdleSettings | None = None
 
     async def ssh(self, host: str, host_key: str, *, retry_for: float | None = None) -> remote.Remote:
         """Log in as root with the cluster's key, trusting only the pinned host key."""
@@ -106,6 +114,36 @@ class ClusterContext:
             timeout=30.0,
             retry_until=self.timeouts["ssh"] if retry_for is None else retry_for,
         )
+
+    # Host keys, in memory and in the local state ---------------------------------------------
+
+    async def pin_host_key(self, server: ServerInfo, public_key: str) -> None:
+        self.host_keys[server.name] = public_key
+        if self.state is not None:
+            # Off the loop: an fsync'ed write per server.
+            await asyncio.to_thread(self.state.pin_host_key, server.name, server.id, public_key)
+
+    async def forget_host_key(self, server: ServerInfo) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.forget_host_key, server.name, server.id)
+
+    async def adopt(self, found: Any) -> None:
+        """Reattaching: take over the shared resources and servers the API lists (``found``)."""
+        if not (found.ssh_keys and found.networks and found.firewalls):
+            raise CloudError(
+                f"reattaching to cluster {self.name}: its SSH key, network or firewall is missing "
+                "(a half-created or half-deleted cluster: delete it with dask-hetzner nuke)"
+            )
+        self.ssh_key_id = found.ssh_keys[0]
+        self.network_id = found.networks[0]
+        self.firewall_id = found.firewalls[0]
+        by_id = {s.id: s.name for s in found.servers}
+        self._groups = [
+            _Group(gid, {by_id[i] for i in found.group_servers.get(gid, []) if i in by_id})
+            for gid in sorted(found.placement_groups)
+        ]
+        for server in found.servers:
+            self.servers[server.name] = server
 
     # Progress -----------------------------------------------------------------------------
 
@@ -125,7 +163,7 @@ class ClusterContext:
             {
                 "direction": "in",
                 "protocol": "tcp",
-                "port": "22",
+                "port": str(self.ssh_port),
                 "source_ips": list(self.allowed_cidrs),
                 "destination_ips": [],
                 "description": "ssh",
@@ -198,7 +236,10 @@ class ClusterContext:
         self, *, name: str, server_type: str, user_data: str, labels: dict[str, str]
     ) -> ServerInfo:
         assert self.ssh_key_id and self.network_id and self.firewall_id
-        locations = [self.location] + [x for x in self.fallback_locations if x != self.location]
+        preferred = [self.location] + [x for x in self.fallback_locations if x != self.location]
+        # A type sold out in a location stays so for a while: later servers go elsewhere first.
+        locations = [x for x in preferred if (server_type, x) not in self._sold_out]
+        locations += [x for x in preferred if x not in locations]
         last: CloudError | None = None
         for location in locations:
             for _ in range(3):
@@ -226,9 +267,14 @@ class ClusterContext:
                         last = e
                         continue
                     if e.code == "resource_unavailable":
+                        self._sold_out.add((server_type, location))
                         last = e
                         break
                     raise
+                except BaseException:
+                    self._release_group(name)
+                    raise
+                self._sold_out.discard((server_type, location))
                 self.servers[server.name] = server
                 return server
         assert last is not None
@@ -242,10 +288,54 @@ class ClusterContext:
             )
         raise last
 
+    async def create_running_server(
+        self,
+        *,
+        name: str,
+        server_type: str,
+        user_data: str,
+        labels: dict[str, str],
+        on_created: Callable[[ServerInfo], Awaitable[None]] | None = None,
+    ) -> ServerInfo:
+        """Create a server and wait until the API says it runs; on any failure delete it.
+
+        A create action that ends in error leaves a server that will never run (README
+        fault 5): it is deleted and the server created once more before giving up.
+        ``on_created`` runs once the API has answered the create (pins, progress).
+        """
+        for attempt in (1, 2):
+            server = await self.create_server(
+                name=name, server_type=server_type, user_data=user_data, labels=labels
+            )
+            what = f"creating server {name} ({server_type} in {server.location})"
+            try:
+                if on_created is not None:
+                    await on_created(server)
+                return await self.watcher.wait(
+                    server.id,
+                    {"running"},
+                    timeout=self.timeouts["server-create"],
+                    what=what,
+                    action_id=server.action_id,
+                )
+            except ActionFailed as e:
+                # Shielded: a Ctrl-C now must not leave the broken server behind.
+                await asyncio.shield(self.delete_server(server, wait=True))
+                if attempt == 2:
+                    raise ActionFailed(
+                        what, e.code, f"{e.api_message}; its create action failed twice"
+                    ) from None
+                logger.warning("%s: create action failed (%s); trying a new server", what, e.code)
+            except BaseException:
+                await asyncio.shield(self.delete_server(server, wait=True))
+                raise
+        raise AssertionError("unreachable")
+
     async def delete_server(self, server: ServerInfo, *, wait: bool = True) -> None:
         self._release_group(server.name)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)
+        await self.forget_host_key(server)
         if wait:
             await self.watcher.wait_gone(server.id, timeout=self.timeouts["close"])
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
-from . import environment, remote
-from .cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, CloudError, ServerInfo
+from . import environment, idle, remote
+from .cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, CloudError, ServerInfo, ServerTypeInfo
 from .security import HostKey, cloud_config
 
 if TYPE_CHECKING:
@@ -43,12 +43,18 @@ class Prepared:
     server: ServerInfo
     host_key_public: str
     conn: remote.Remote
+    # Phase -> seconds since ``started_at`` (created, running, ssh, bootstrap, process, ready).
     timings: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  # time.time() when provisioning began
+
+    def mark(self, phase: str) -> None:
+        self.timings[phase] = time.time() - self.started_at
 
 
 async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
     """Create one server and make it ready to run ``role``; on any failure delete it."""
     t0 = time.monotonic()
+    started_at = time.time()
     timings: dict[str, float] = {}
     host_key = HostKey.generate()
     labels = {LABEL_CLUSTER: ctx.name, LABEL_ROLE: role}
@@ -59,29 +65,35 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
     conn: remote.Remote | None = None
     try:
         ctx.report(name, "creating")
-        server = await ctx.create_server(
+
+        async def created(new: ServerInfo) -> None:
+            await ctx.pin_host_key(new, host_key.public_openssh)
+            timings["created"] = time.monotonic() - t0
+            ctx.report(name, "booting")
+
+        # Deletes its server itself on failure (and retries a create action that failed).
+        server = await ctx.create_running_server(
             name=f"{ctx.name}-{name}" if role == "worker" else f"{ctx.name}-scheduler",
             server_type=server_type,
             user_data=cloud_config(host_key),
             labels=labels,
+            on_created=created,
         )
-        ctx.host_keys[server.name] = host_key.public_openssh
-        ctx.report(name, "booting")
-        server = await ctx.watcher.wait(
-            server.id,
-            {"running"},
-            timeout=ctx.timeouts["server-create"],
-            what=f"creating server {server.name}",
-        )
+        # Now with its addresses and status: what the cluster's repr shows.
+        ctx.servers[server.name] = server
         timings["running"] = time.monotonic() - t0
         ctx.report(name, "connecting")
         assert server.public_ip, f"server {server.name} has no public IPv4"
-        conn = await ctx.ssh(server.public_ip, host_key.public_openssh)
+        try:
+            conn = await ctx.ssh(server.public_ip, host_key.public_openssh)
+        except remote.SSHTimeout as e:
+            # Name the server, not only its address.
+            raise remote.SSHTimeout(f"server {server.name} ({server.location}): {e}") from e
         timings["ssh"] = time.monotonic() - t0
         ctx.report(name, "installing")
         await bootstrap(ctx, conn, role, server)
         timings["bootstrap"] = time.monotonic() - t0
-        return Prepared(server, host_key.public_openssh, conn, timings)
+        return Prepared(server, host_key.public_openssh, conn, timings, started_at)
     except BaseException:
         if conn is not None:
             await _quietly(conn.close())
@@ -128,6 +140,15 @@ TLS_ARGS = (
 )
 # Plain TCP is refused by the processes themselves, not only by the firewall.
 PROCESS_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
+
+
+def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
+    """``dask worker`` options that fit the server: all its cores, most of its memory."""
+    return {
+        "nthreads": server_type.cores,
+        # Leave room for the operating system and the nanny.
+        "memory_limit": f"{int(server_type.memory_gb * 0.9 * 1024)}MiB",
+    }
 
 
 class HetznerNode(ProcessInterface):
@@ -200,8 +221,13 @@ class SchedulerServer(HetznerNode):
                 f"--scheduler-file {REMOTE_DIR}/scheduler.json",
                 TLS_ARGS,
             ]
+            if ctx.idle is not None:
+                # Only the scheduler's server gets the token, and only with idle_timeout on.
+                preload = await idle.install(p.conn, ctx.idle, cluster=ctx.name, server_id=p.server.id)
+                args.append(f"--preload {preload}")
             for key, value in self.options.items():
                 args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+            p.mark("process")
             await p.conn.run(f"rm -f {REMOTE_DIR}/scheduler.json", timeout=30)
             await p.conn.start_detached(
                 f"env {PROCESS_ENV} " + " ".join(args),
@@ -215,32 +241,49 @@ class SchedulerServer(HetznerNode):
                 what=f"dask scheduler on {p.server.name}",
                 log=f"{REMOTE_DIR}/scheduler.log",
             )
-            port = int(info["address"].rsplit(":", 1)[1])
-            # Workers always reach the scheduler over the private network.
-            self.contact_address = f"tls://{ip}:{port}"
-            self.dashboard_port = info.get("services", {}).get("dashboard")
-            ctx.scheduler_private = self.contact_address
-            reconnect = lambda: ctx.ssh(p.server.public_ip or "", p.host_key_public)  # noqa: E731
-            if ctx.connect == "tunnel":
-                self.tunnel = remote.Tunnel(p.conn, reconnect)
-                local = await self.tunnel.forward(ip, port)
-                self.address = f"tls://127.0.0.1:{local}"
-                if self.dashboard_port:
-                    dash = await self.tunnel.forward(ip, self.dashboard_port)
-                    ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
-            else:
-                self.address = f"tls://{p.server.public_ip}:{port}"
-                if self.dashboard_port:
-                    # The dashboard is never opened to the internet: it goes through SSH.
-                    self.tunnel = remote.Tunnel(p.conn, reconnect)
-                    dash = await self.tunnel.forward(ip, self.dashboard_port)
-                    ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
-            self.external_address = self.address
+            p.mark("ready")
+            await self._connect(p, info)
             ctx.report(self.name, "running")
         except BaseException:
             await asyncio.shield(self._fail())
             raise
         await super().start()
+
+    async def _connect(self, p: Prepared, info: dict[str, Any]) -> None:
+        """Addresses and tunnels to a running scheduler (``info``: its scheduler file).
+
+        Also used when reattaching from another process to a scheduler already running.
+        """
+        ctx = self.context
+        ip = p.server.private_ip
+        assert ip, f"server {p.server.name} has no private network address"
+        port = int(info["address"].rsplit(":", 1)[1])
+        # Workers always reach the scheduler over the private network.
+        self.contact_address = f"tls://{ip}:{port}"
+        self.dashboard_port = info.get("services", {}).get("dashboard")
+        ctx.scheduler_private = self.contact_address
+        reconnect = lambda: ctx.ssh(p.server.public_ip or "", p.host_key_public)  # noqa: E731
+        if ctx.connect == "tunnel":
+            self.tunnel = remote.Tunnel(p.conn, reconnect)
+            local = await self.tunnel.forward(ip, port)
+            self.address = f"tls://127.0.0.1:{local}"
+            if self.dashboard_port:
+                dash = await self.tunnel.forward(ip, self.dashboard_port)
+                ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
+        else:
+            self.address = f"tls://{p.server.public_ip}:{port}"
+            if self.dashboard_port:
+                # The dashboard is never opened to the internet: it goes through SSH.
+                self.tunnel = remote.Tunnel(p.conn, reconnect)
+                dash = await self.tunnel.forward(ip, self.dashboard_port)
+                ctx.dashboard_link = f"http://127.0.0.1:{dash}/status"
+        self.external_address = self.address
+
+    async def _stop_process(self) -> None:
+        if self.prepared is not None and self.context.idle is not None:
+            # First the watchdog: an orderly close must not race a self-deletion.
+            await _quietly(asyncio.wait_for(idle.stop(self.prepared.conn), 20))
+        await super()._stop_process()
 
     async def _fail(self) -> None:
         if self.prepared is not None:
@@ -269,12 +312,7 @@ class WorkerServer(HetznerNode):
             assert ip, f"server {p.server.name} has no private network address"
             await write_tls(ctx, p.conn, f"dask-worker-{self.name}", [ip])
             server_type = (await ctx.cloud.server_types())[ctx.worker_type]
-            options = {
-                "nthreads": server_type.cores,
-                # Leave room for the operating system and the nanny.
-                "memory_limit": f"{int(server_type.memory_gb * 0.9 * 1024)}MiB",
-                **self.options,
-            }
+            options = {**worker_defaults(server_type), **self.options}
             args = [
                 f"{REMOTE_DIR}/env/bin/dask",
                 "worker",
@@ -287,6 +325,7 @@ class WorkerServer(HetznerNode):
             ]
             for key, value in options.items():
                 args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+            p.mark("process")
             await p.conn.start_detached(
                 f"env {PROCESS_ENV} " + " ".join(args),
                 log=f"{REMOTE_DIR}/worker.log",

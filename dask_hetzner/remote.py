@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import posixpath
 import secrets
 import shlex
+import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import asyncssh
 
@@ -80,6 +83,9 @@ class RemoteCommandError(RemoteError):
 
 
 StopOutcome = Literal["not running", "terminated", "killed"]
+
+# SSH exit-signal names ("TERM") -> numbers, for a shell-like exit status.
+_SIGNALS = {s.name[3:]: int(s) for s in signal.Signals if not s.name.startswith("SIG_")}
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,7 @@ class Remote:
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_lock = asyncio.Lock()
         self._listeners: list[asyncssh.SSHListener] = []
+        self._session: asyncssh.SSHClientProcess[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed() else "open"
@@ -504,6 +511,58 @@ echo "$result"
         self._listeners.append(listener)
         return local_host, listener.get_port()
 
+    # interactive sessions ------------------------------------------------------------------
+
+    async def session(
+        self,
+        command: str | None,
+        *,
+        stdin: Any,
+        stdout: Any,
+        stderr: Any,
+        term_type: str | None = None,
+        term_size: tuple[int, int] | None = None,
+    ) -> int:
+        """Run ``command`` (a login shell when None) wired to local files; return its exit status.
+
+        ``stdin``/``stdout``/``stderr`` are local file descriptors, which the session closes
+        (pass duplicates); ttys and pipes are read and written asynchronously, /dev/null-like
+        devices stand for no input / discarded output. With ``term_type`` the session gets a pty of ``term_size``
+        (columns, rows); putting the local terminal in raw mode is the caller's business.
+        A command killed by a signal gives 128 + its number, a lost connection 255.
+        """
+        if term_type and isinstance(stderr, int):
+            os.close(stderr)  # a pty has one output stream: stdout
+        try:
+            proc = await self._conn.create_process(
+                command,
+                term_type=term_type,
+                term_size=term_size,
+                encoding=None,
+                stdin=_redirectable(stdin),
+                stdout=_redirectable(stdout),
+                stderr=_redirectable(stderr) if not term_type else asyncssh.STDOUT,
+            )
+            self._session = proc
+            try:
+                completed = await proc.wait()
+            finally:
+                self._session = None
+        except (OSError, asyncssh.Error) as e:
+            raise RemoteError(f"session on {self._where}: SSH failed: {_describe(e)}") from e
+        if completed.exit_status is not None:
+            return completed.exit_status
+        if completed.exit_signal:
+            return 128 + _SIGNALS.get(completed.exit_signal[0], 0)
+        return 255
+
+    def resize_session(self, columns: int, rows: int) -> None:
+        """Tell the running :meth:`session`'s pty the local terminal's new size."""
+        proc = self._session
+        if proc is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                proc.change_terminal_size(columns, rows)
+
     # lifetime ------------------------------------------------------------------------------
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -534,6 +593,17 @@ echo "$result"
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _redirectable(fd: Any) -> Any:
+    """A file descriptor as asyncssh can use it: /dev/null and its kind cannot be polled."""
+    if not isinstance(fd, int):
+        return fd
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISCHR(mode) and not os.isatty(fd):
+        os.close(fd)
+        return asyncssh.DEVNULL
+    return fd
 
 
 def _as_text(data: str | bytes | None) -> str:

@@ -33,12 +33,15 @@ def sim_config(sim) -> dict:
 
 
 @pytest.fixture
-def sim() -> Iterator:
-    """A simulator in a background thread (its own event loop), checked empty at the end."""
+def sim(request) -> Iterator:
+    """A simulator in a background thread (its own event loop), checked empty at the end.
+
+    Parametrize it indirectly with a dict of ``Simulator`` options (e.g. a rate limit).
+    """
     from dask_hetzner.sim import Simulator
 
     # Every answer is checked against Hetzner's OpenAPI spec while the test runs.
-    with Simulator(validate_responses=True) as s:
+    with Simulator(validate_responses=True, **getattr(request, "param", {})) as s:
         with dask.config.set(sim_config(s)):
             yield s
         leaks = s.leaks()
@@ -77,3 +80,27 @@ def sim_process(tmp_path) -> Iterator:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# The fault suite's table (tests/test_faults.py): one row a scenario, printed at the end.
+_FAULT_ROWS = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def fault_table(pytestconfig) -> list:
+    return pytestconfig.stash.setdefault(_FAULT_ROWS, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    rows = config.stash.get(_FAULT_ROWS, [])
+    if not rows:
+        return
+    terminalreporter.section("fault scenarios")
+    # A markdown table: it reads in a terminal and pastes into a report.
+    terminalreporter.write_line("| scenario | outcome | seconds | leaked |")
+    terminalreporter.write_line("|---|---|---:|---|")
+    for r in rows:
+        outcome = r["outcome"].replace("|", "/").replace("\n", " ")
+        terminalreporter.write_line(
+            f"| {r['scenario']} | {outcome} | {r['seconds']:.1f} | {r['leaked']} |"
+        )

@@ -328,8 +328,8 @@ class Simulator:
     def inject(self, kind: str, **match_and_params: Any) -> FaultRule:
         """Add a fault rule (see :mod:`dask_hetzner.sim.faults`) and return it.
 
-        ``processes_die`` and ``server_vanishes`` also strike at once on running
-        servers that match; every host fault also strikes on later boots.
+        ``processes_die``, ``server_vanishes`` and ``ssh_drop`` also strike at once on
+        running servers that match; every host fault also strikes on later boots.
         """
         rule = make_rule(kind, **match_and_params)
         return self._call(lambda: self._add_rule(rule))
@@ -337,15 +337,18 @@ class Simulator:
     def _add_rule(self, rule: FaultRule) -> FaultRule:
         self.faults.add(rule)
         store = self.store
-        if store is not None and rule.kind in HOST_FAULTS and rule.kind in ("processes_die", "server_vanishes"):
+        striking = ("processes_die", "server_vanishes", "ssh_drop")
+        if store is not None and rule.kind in HOST_FAULTS and rule.kind in striking:
             for server in store.iter_servers():
                 if server.status != "running" or rule.exhausted:
                     continue
-                if rule.kind == "processes_die" and "booted" not in server.timings.phases:
+                if rule.kind != "server_vanishes" and "booted" not in server.timings.phases:
                     continue  # strikes when it boots
                 if rule.matches_server(server.id, server.name, server.labels):
                     if rule.kind == "processes_die":
                         store.spawn(store._kill_later(server, rule))
+                    elif rule.kind == "ssh_drop":
+                        store.spawn(store._drop_ssh_later(server, rule))
                     else:
                         store.spawn(store._vanish_later(server, rule))
         return rule

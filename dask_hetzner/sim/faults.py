@@ -85,6 +85,8 @@ HOST_FAULTS: dict[str, tuple[str, ...]] = {
     "slow_boot": ("delay",),  # extra seconds before SSH
     "processes_die": ("after",),  # every process dies `after` s past boot (SSH stays)
     "server_vanishes": ("after",),  # gone from the API and destroyed, `after` s past running
+    # Every SSH connection is cut `after` s past boot; sshd refuses for `down` s, then is back.
+    "ssh_drop": ("after", "down"),
 }
 
 KINDS = tuple(API_FAULTS) + tuple(HOST_FAULTS)

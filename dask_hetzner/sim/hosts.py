@@ -502,6 +502,31 @@ class HostManager:
         self._kill_children(host)
         host.sandbox_task = asyncio.ensure_future(self._restart_sandbox(host, old))
 
+    async def drop_ssh(self, server_id: int, *, down: float = 0.0) -> None:
+        """Host fault: every SSH connection of the server is cut (processes keep running).
+
+        With ``down`` > 0 sshd also refuses new connections for that many seconds.
+        """
+        host = self._hosts.get(server_id)
+        if host is None or not host.running:
+            return
+        async with host.lock:
+            acceptors: list[asyncssh.SSHAcceptor] = []
+            if down > 0:
+                acceptors, host.acceptors = host.acceptors, []
+                for acceptor in acceptors:
+                    acceptor.close()
+            for conn in list(host.connections):
+                conn.abort()
+            for acceptor in acceptors:
+                await acceptor.wait_closed()
+        if not acceptors:
+            return
+        await asyncio.sleep(down)
+        async with host.lock:
+            if host.running and not host.acceptors:
+                await self._listen(host)
+
     async def close(self) -> None:
         """Destroy every server and remove what this manager created."""
         for server_id in list(self._hosts):

@@ -1321,6 +1321,9 @@ class Store:
         for rule in self.faults.host_rules("processes_die"):
             if rule.matches_server(server.id, server.name, server.labels):
                 self.spawn(self._kill_later(server, rule))
+        for rule in self.faults.host_rules("ssh_drop"):
+            if rule.matches_server(server.id, server.name, server.labels):
+                self.spawn(self._drop_ssh_later(server, rule))
 
     async def _kill_later(self, server: Server, rule: FaultRule) -> None:
         await asyncio.sleep(self.timing.scale(float(rule.params.get("after") or 0.0)))
@@ -1336,6 +1339,19 @@ class Store:
             except Exception as exc:
                 log.exception("kill_processes failed for server %s", server.id)
                 self.host_errors.append(f"kill_processes {server.id}: {exc!r}")
+
+    async def _drop_ssh_later(self, server: Server, rule: FaultRule) -> None:
+        await asyncio.sleep(self.timing.scale(float(rule.params.get("after") or 0.0)))
+        if self.servers.get(server.id) is not server or server.status != "running":
+            return
+        server.timings.mark("ssh_dropped")
+        if self.hosts is not None and server.host_exists and hasattr(self.hosts, "drop_ssh"):
+            down = self.timing.scale(float(rule.params.get("down") or 0.0))
+            try:
+                await self.hosts.drop_ssh(server.id, down=down)
+            except Exception as exc:
+                log.exception("drop_ssh failed for server %s", server.id)
+                self.host_errors.append(f"drop_ssh {server.id}: {exc!r}")
 
     async def _vanish_later(self, server: Server, rule: FaultRule) -> None:
         await asyncio.sleep(self.timing.scale(float(rule.params.get("after") or 0.0)))

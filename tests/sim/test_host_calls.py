@@ -83,6 +83,9 @@ async def test_no_hosts(asim):
         "hetzner.token": asim.token,
         "hetzner.api-endpoint": asim.endpoint,
         "hetzner.ssh-port": 22,
+        "hetzner.scheduler-port": 0,
+        "hetzner.dashboard-port": 0,
+        "hetzner.api.poll-interval": "100ms",
     }
     async with Raw(asim) as raw:
         sid = (await raw.post("/servers", server_body("x"))).body["server"]["id"]

@@ -34,23 +34,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _expected() -> tuple[type[BaseException], ...]:
     """Failures that are the user's or the cloud's, not bugs: reported without a traceback."""
-    from .attach import AttachError
     from .cloud import CloudError, ConfigError
-    from .environment import VersionMismatch
-    from .nodes import BootstrapError
     from .remote import RemoteError
     from .state import StateError
 
-    return (
-        ConfigError,
-        CloudError,
-        StateError,
-        RemoteError,
-        AttachError,
-        BootstrapError,
-        VersionMismatch,
-        TimeoutError,
-    )
+    classes: list[type[BaseException]] = [ConfigError, CloudError, StateError, RemoteError, TimeoutError]
+    # Only from modules already loaded: an error of a module never imported cannot have
+    # been raised, and importing them (distributed) would cost seconds.
+    for module, name in (
+        ("dask_hetzner.attach", "AttachError"),
+        ("dask_hetzner.nodes", "BootstrapError"),
+        ("dask_hetzner.environment", "VersionMismatch"),
+    ):
+        if module in sys.modules:
+            classes.append(getattr(sys.modules[module], name))
+    return tuple(classes)
 
 
 def _as_expected(e: BaseException) -> BaseException | None:
@@ -323,7 +321,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     name = s["name"]
     say(
         f"[bold]Cluster {name} is running[/bold]: scheduler ({s['scheduler_type']}) and "
-        f"{s['workers']} workers ({s['worker_type']}) in {s['location']}."
+        f"{s['workers']} worker{'' if s['workers'] == 1 else 's'} ({s['worker_type']}) in {s['location']}."
     )
     say(f"Hourly cost: {s['hourly_cost']:.4f} EUR/h (gross, billed until deleted)")
     say(f"Scheduler address: {s['scheduler']} (private network)")
@@ -578,7 +576,7 @@ def nuke(name: str | None, everything: bool, yes: bool, token: str | None, endpo
             return
     else:
         assert name is not None
-        from .cluster import check_name
+        from .manage import check_name
 
         check_name(name)
         if name not in clusters and not state_of(name).path.exists():

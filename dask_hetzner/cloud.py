@@ -759,7 +759,10 @@ class Cloud:
                 getattr(found, key).extend(getattr(todo, key))
 
     async def _delete_found(self, cluster: str, found: ClusterResources, deadline: float) -> None:
-        await asyncio.gather(*(self.delete_server(s.id) for s in found.servers))
+        # A server already "deleting" (its node asked) needs no second request.
+        await asyncio.gather(
+            *(self.delete_server(s.id) for s in found.servers if s.status != "deleting")
+        )
         if found.servers:
             await self.wait_servers_gone(selector(cluster), deadline=deadline)
         c = self._client

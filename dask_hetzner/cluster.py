@@ -27,13 +27,13 @@ from . import __version__, config, environment, idle, manage
 from .attach import AttachedScheduler, AttachedWorker, AttachError, Attachment
 from .cloud import LABEL_WORKER, Cloud, ConfigError, ServerTypeInfo
 from .context import ClusterContext, check_same_zone
+from .manage import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported)
 from .nodes import SchedulerServer, WorkerServer, _quietly, worker_defaults
 from .security import ClusterCA, SSHKeyPair, TLSCert
 from .state import ClusterState, Secrets, root_dir
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close")
 
 
@@ -59,16 +59,6 @@ def _positive(value: Any, what: str) -> float | None:
     if not number > 0:
         raise ConfigError(f"{what} must be positive, got {value!r}")
     return number
-
-
-def check_name(name: str) -> str:
-    # Server names are "<name>-worker-<n>": the name must leave room in a 63-character hostname.
-    if not NAME_RE.match(name):
-        raise ConfigError(
-            f"invalid cluster name {name!r}: use 1 to 40 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit (it becomes part of RFC 1123 hostnames)"
-        )
-    return name
 
 
 _open_clusters: weakref.WeakSet[HetznerCluster] = weakref.WeakSet()
@@ -357,6 +347,10 @@ class HetznerCluster(SpecCluster):
         await ctx.cloud.check_choices([ctx.scheduler_type, ctx.worker_type], ctx.location, ctx.image)
         check_same_zone(await ctx.cloud.locations(), ctx.location, ctx.fallback_locations)
         self._check_cost(len(self.worker_spec), "starting the cluster")
+        adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
+        if adaptive is not None and cap is not None and adaptive.maximum > cap:
+            # adapt() called before the prices were read: cap it now, before it scales.
+            adaptive.maximum = cap
         existing = await ctx.cloud.cluster_resources(ctx.name)
         if len(existing):
             raise ConfigError(
@@ -409,6 +403,8 @@ class HetznerCluster(SpecCluster):
             # SpecCluster never started (a failed check or setup, already rolled back by
             # _start): its _close would fail; only this process's side is left to close.
             return await self._disconnect()
+        # Nodes then delete without waiting one by one: teardown waits for all at once.
+        self._ctx.closing = True
         try:
             await super()._close()
         finally:

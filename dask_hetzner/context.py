@@ -97,6 +97,8 @@ class ClusterContext:
         self._group_lock = asyncio.Lock()
         self._sold_out: set[tuple[str, str]] = set()  # (server type, location) that said 412
         self._provisioning: dict[str, asyncio.Task[Any]] = {}
+        # Set when the whole cluster is being closed: nodes skip what teardown does for all.
+        self.closing = False
         self.scheduler_private: str | None = None
         self.dashboard_link: str | None = None
         # Set by the cluster: the local state directory that pins follow as servers come and go.

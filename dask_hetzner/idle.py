@@ -202,6 +202,18 @@ class ApiError(Exception):
         super().__init__(f"{what}: {status} {code} {message}".rstrip())
 
 
+def _token_wait(headers: Any) -> float | None:
+    """Seconds until the rate-limit bucket holds one request: Reset is when it is full again."""
+    try:
+        limit = int(headers["RateLimit-Limit"])
+        remaining = int(headers["RateLimit-Remaining"])
+        reset = float(headers["RateLimit-Reset"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    per_token = max(0.0, reset - time.time()) / max(1, limit - remaining)
+    return min(60.0, max(per_token, 0.2))
+
+
 class Api:
     """The few Hetzner Cloud API calls the watchdog needs, with retries of transient faults."""
 
@@ -257,8 +269,7 @@ class Api:
                 err = ApiError(what, e.code, str(error.get("code", e.code)), str(error.get("message", "")))
                 if not (err.code in TRANSIENT_CODES or err.code in retry or e.code >= 500):
                     raise err from None
-                reset = e.headers.get("RateLimit-Reset") if e.code == 429 else None
-                delay = min(60.0, max(1.0, float(reset) - time.time())) if reset else None
+                delay = _token_wait(e.headers) if e.code == 429 else None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 err = ApiError(what, 0, type(e).__name__, "API not reachable")
                 delay = None

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import os
+import re
 import shlex
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from .cloud import LABEL_WORKER, Cloud, CloudError, ClusterResources, ConfigErro
 from .state import ClusterState, StateError, root_dir
 
 __all__ = [
+    "check_name",
     "ClusterInfo",
     "UnknownCluster",
     "list_clusters",
@@ -35,6 +37,19 @@ T = TypeVar("T")
 
 REMOTE_DIR = ".dask-hetzner"  # nodes.REMOTE_DIR (not imported: nodes pulls in distributed)
 LOG_LINES = 10_000  # per file: enough to debug, bounded for a log that grew for days
+
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def check_name(name: str) -> str:
+    # Server names are "<name>-worker-<n>": the name must leave room in a 63-character hostname.
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid cluster name {name!r}: use 1 to 40 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (it becomes part of RFC 1123 hostnames)"
+        )
+    return name
 
 
 class UnknownCluster(ConfigError):
@@ -195,8 +210,6 @@ async def anuke(
     timeout: float | None = None,
 ) -> ClusterResources:
     """Delete everything labelled with cluster ``name``, and its local state (see :func:`nuke`)."""
-    from .cluster import check_name  # cluster imports this module
-
     check_name(name)  # also keeps the label selector from being anything but one equality
     state = state_of(name)
     had_state = await asyncio.to_thread(state.path.exists)
@@ -326,8 +339,6 @@ class Access:
 
 async def access(name: str, *, token: str | None = None, api_endpoint: str | None = None) -> Access:
     """Local state plus the API's servers of cluster ``name``; clear errors when either is missing."""
-    from .cluster import check_name
-
     check_name(name)
     state = state_of(name)
     cloud = make_cloud(token, api_endpoint)

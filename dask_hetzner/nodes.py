@@ -159,6 +159,7 @@ class HetznerNode(ProcessInterface):
         self.context = context
         self.name = name
         self.prepared: Prepared | None = None
+        self._close_task: asyncio.Future[None] | None = None
 
     @property
     def server(self) -> ServerInfo | None:
@@ -176,12 +177,21 @@ class HetznerNode(ProcessInterface):
     async def close(self) -> None:
         if self.status == Status.closed:
             return
+        # SpecCluster asks again (a lost worker's timer) while a close runs: wait for that one,
+        # instead of a second stop over SSH to a server being deleted.
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close_once())
+        await asyncio.shield(self._close_task)
+
+    async def _close_once(self) -> None:
         self.status = Status.closing
+        # The whole cluster is closing: its teardown waits for every deletion at once.
+        ending = self.context.closing
         try:
             await self._stop_process()
             if self.prepared is not None:
                 await _quietly(self.prepared.conn.close())
-                await self.context.delete_server(self.prepared.server, wait=True)
+                await self.context.delete_server(self.prepared.server, wait=not ending)
             else:
                 # Closed before start finished: whatever was being provisioned goes too.
                 await self.context.cancel_provision(self.name)
@@ -342,8 +352,8 @@ class WorkerServer(HetznerNode):
 
     async def _stop_process(self) -> None:
         p = self.prepared
-        if p is None:
-            return
+        if p is None or self.context.closing:
+            return  # closing the cluster: its server is deleted, no need to log in first
         # The worker's connection was closed after start: a short one to stop it explicitly.
         try:
             conn = await self.context.ssh(p.server.public_ip or "", p.host_key_public, retry_for=10)

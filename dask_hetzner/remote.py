@@ -254,7 +254,8 @@ async def connect(
         if remaining <= 0:
             break
         await asyncio.sleep(min(delay, remaining))  # backoff between attempts
-        delay = min(delay * 1.6, 5.0)
+        # A refused attempt costs a packet; a long gap costs up to itself once sshd is up.
+        delay = min(delay * 1.6, 1.0)
     raise SSHTimeout(
         f"SSH on {where} not reachable after {retry_until:g} s "
         f"({attempts} attempts; last error: {_describe(last_error)})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -132,6 +133,21 @@ async def test_html_repr_works_before_start_and_escapes(sim):
         # Whatever a server is called, it lands in the page as text, not markup.
         cluster._ctx.worker_type = "<script>x</script>"
         assert "<script>" not in cluster._repr_html_()
+    finally:
+        await cluster.close()
+    assert sim.leaks() == {}
+
+
+@pytest.mark.slow
+async def test_adapt_before_start_is_capped_once_prices_are_known(sim):
+    price = await asyncio.to_thread(hourly, sim, "cx23")
+    cluster = HetznerCluster(workers=0, name="cost5", asynchronous=True, max_hourly_cost=price * 3.5)
+    try:
+        adaptive = cluster.adapt(minimum=0, maximum=10, interval="10s")
+        assert cluster.max_workers is None  # no prices read yet
+        await cluster
+        assert cluster.max_workers == 2
+        assert adaptive.maximum == 2
     finally:
         await cluster.close()
     assert sim.leaks() == {}

@@ -178,8 +178,8 @@ def test_watchdog_deletes_only_its_cluster(tmp_path):
         theirs = make("other1", 1)
         sim.settle_sync()
         # Faults the watchdog must ride out: a firewall still detaching, a rate limit.
-        sim.inject("resource_in_use", method="DELETE", path="/firewalls/", count=2)
-        sim.inject("rate_limit", method="GET", nth=3)
+        in_use = sim.inject("resource_in_use", method="DELETE", path="/firewalls/", count=2)
+        limited = sim.inject("rate_limit", method="GET", nth=3)
         calls: list[str] = []
 
         class Recording(idle.Api):
@@ -198,6 +198,7 @@ def test_watchdog_deletes_only_its_cluster(tmp_path):
         assert deletes[-1] == f"DELETE /servers/{mine[0]}", deletes
         assert {f"DELETE /servers/{i}" for i in mine[1:]} <= set(deletes[:2])
         assert not any(str(i) in call for call in calls for i in theirs)
+        assert (in_use.hits, limited.hits) == (2, 1), "the faults must have struck"
         with pytest.raises(ValueError):
             idle.delete_cluster(api, "", None)
         idle.delete_cluster(api, "other1", None, timeout=60)
@@ -337,5 +338,4 @@ def test_busy_cluster_survives_its_idle_timeout_then_deletes_itself(sim):
     finally:
         t0 = time.monotonic()
         cluster.close(timeout=120)
-    print("CLOSE TOOK", time.monotonic() - t0)
     assert time.monotonic() - t0 < 90, "closing a cluster that deleted itself should be quick"

@@ -813,6 +813,9 @@ class Cloud:
             attempt += 1
 
     async def wait_servers_gone(self, label_selector: str, *, deadline: float) -> None:
+        # Deletion takes seconds whatever we do: poll less often as it goes on (a list of
+        # 100 servers costs 2 requests).
+        interval = self.poll_interval
         while True:
             left = await self.servers(label_selector)
             if not left:
@@ -822,7 +825,8 @@ class Cloud:
                     f"servers {', '.join(s.name for s in left)} still exist after deletion "
                     f"was requested ({label_selector})"
                 )
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.5, 5 * self.poll_interval)
 
 
 @dataclass(eq=False)
@@ -832,13 +836,16 @@ class _Waiter:
     future: asyncio.Future[ServerInfo]
     what: str
     action_id: int | None
+    worker: str | None  # its dask-hetzner/worker label: lets a poll list only awaited servers
 
 
 class ServerWatcher:
     """One poller for a whole cluster: waiting for N servers costs one list request per interval.
 
     Waiters register a server id and the statuses they want; the poll loop runs only while
-    someone waits, so an idle cluster makes no requests. A server waited for as running
+    someone waits, so an idle cluster makes no requests. When only workers are awaited, the
+    list is narrowed to them by their labels: one page, however large the cluster.
+    A server waited for as running
     that shows ``off`` gets its create action read once a poll: an action that ended in
     error (README fault 5) fails the wait at once instead of at its timeout.
     """
@@ -859,9 +866,10 @@ class ServerWatcher:
         timeout: float,
         what: str,
         action_id: int | None = None,
+        worker: str | None = None,
     ) -> ServerInfo:
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(statuses, time.monotonic(), loop.create_future(), what, action_id)
+        waiter = _Waiter(statuses, time.monotonic(), loop.create_future(), what, action_id, worker)
         self._waiters.setdefault(server_id, []).append(waiter)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -880,30 +888,45 @@ class ServerWatcher:
             if not waiters:
                 self._waiters.pop(server_id, None)
 
-    async def wait_gone(self, server_id: int, *, timeout: float) -> None:
+    async def wait_gone(self, server_id: int, *, timeout: float, worker: str | None = None) -> None:
         """Wait until the server no longer appears in the cluster's list."""
         try:
-            await self.wait(server_id, set(), timeout=timeout, what=f"deleting server {server_id}")
+            await self.wait(
+                server_id, set(), timeout=timeout, what=f"deleting server {server_id}", worker=worker
+            )
         except CloudError as e:
             if e.code == "not_found":
                 return
             raise
 
     async def _run(self) -> None:
+        interval = self.interval
         while self._waiters:
             started = time.monotonic()
+            waiting = [w for ws in self._waiters.values() for w in ws]
+            names = {w.worker for w in waiting}
+            label_selector = self.label_selector
+            if None not in names:
+                # Only workers awaited: list just them (a full list of 100 servers is 2 pages).
+                label_selector += f",{LABEL_WORKER} in ({','.join(sorted(n for n in names if n))})"
             try:
-                servers = await self.cloud.servers(self.label_selector)
+                servers = await self.cloud.servers(label_selector)
             except CloudError as e:
                 for waiters in list(self._waiters.values()):
                     for w in waiters:
                         if not w.future.done():
                             w.future.set_exception(e)
                 return
-            self.last = {s.id: s for s in servers}
+            listed = {s.id: s for s in servers}
+            if label_selector == self.label_selector:
+                self.last = listed
+            else:
+                self.last.update(listed)
             off: list[_Waiter] = []
             for server_id, waiters in list(self._waiters.items()):
-                info = self.last.get(server_id)
+                info = listed.get(server_id)
+                if info is None:
+                    self.last.pop(server_id, None)
                 for w in waiters:
                     if w.future.done():
                         continue
@@ -920,8 +943,13 @@ class ServerWatcher:
                 await self._check_actions(off)
             if not self._waiters:
                 return
+            if any(w.statuses for ws in self._waiters.values() for w in ws):
+                interval = self.interval
+            else:
+                # Only deletions awaited: they take seconds whatever we do, so poll less often.
+                interval = min(interval * 1.5, 5 * self.interval)
             # New waiters do not shorten the interval: the next poll serves them all.
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(interval)
 
     async def _check_actions(self, waiters: list[_Waiter]) -> None:
         results = await asyncio.gather(

@@ -21,6 +21,7 @@ import dask.utils
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
+from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
 from . import __version__, config, environment, idle, manage
@@ -671,16 +672,31 @@ class HetznerCluster(SpecCluster):
 
     async def _correct_state_internal(self) -> None:
         to_close = set(self.workers) - set(self.worker_spec)
-        if to_close and self._scheduler_gone:
+        unreachable = self._scheduler_gone
+        if (
+            to_close
+            and not unreachable
+            and self.scheduler is not None
+            and self.scheduler.status == Status.running
+        ):
+            # SpecCluster retires by address with our names, which retires nobody; by name,
+            # the scheduler moves their data away before the servers are deleted.
+            try:
+                await self.scheduler_comm.retire_workers(names=sorted(to_close))
+            except OSError as e:
+                logger.warning(
+                    "cluster %s: the scheduler is unreachable (%r): deleting workers %s without "
+                    "moving their data",
+                    self.name,
+                    e,
+                    sorted(to_close),
+                )
+                unreachable = True
+        if to_close and unreachable:
             # No scheduler to retire them with (idle shutdown, or it died): just delete them.
             await asyncio.gather(*(self.workers[w].close() for w in to_close if w in self.workers))
             for w in to_close:
                 self.workers.pop(w, None)
-            to_close = set()
-        if to_close and self.scheduler is not None and self.scheduler.status == Status.running:
-            # SpecCluster retires by address with our names, which retires nobody; by name,
-            # the scheduler moves their data away before the servers are deleted.
-            await self.scheduler_comm.retire_workers(names=sorted(to_close))
         initial, self._initial_pending = self._initial_pending, False
         try:
             await super()._correct_state_internal()
@@ -801,23 +817,44 @@ class HetznerCluster(SpecCluster):
         return super().adapt(*args, minimum=minimum, maximum=maximum, **kwargs)
 
     async def _watch_worker_status(self, comm: Any) -> None:
-        await super()._watch_worker_status(comm)
-        # The scheduler's stream ended: it stopped (idle shutdown, a crash) or we are closing.
-        self._scheduler_gone = True
-        if self.scheduler_comm is not None:
-            self.scheduler_comm.timeout = 5  # nothing answers there any more: fail fast
-        if self.status == Status.running:
-            logger.warning(
-                "cluster %s: the scheduler went away (idle shutdown, or it stopped); "
-                "lost workers are not replaced, close this cluster object",
-                self.name,
-            )
+        while True:
+            await super()._watch_worker_status(comm)
+            if self.status != Status.running:
+                return  # closing: the stream was closed on purpose
+            # The stream ended while running: the scheduler stopped (idle shutdown, a crash),
+            # or only the SSH tunnel dropped and reconnected. Ask before concluding.
+            try:
+                await asyncio.wait_for(self.scheduler_comm.identity(), 30)
+                comm = await asyncio.wait_for(self.scheduler_comm.live_comm(), 30)
+                comm.name = "Cluster worker status"
+                await comm.write({"op": "subscribe_worker_status"})
+                info = await asyncio.wait_for(comm.read(), 30)
+            except Exception as e:
+                self._scheduler_gone = True
+                self.scheduler_comm.timeout = 5  # nothing answers there any more: fail fast
+                logger.warning(
+                    "cluster %s: the scheduler went away (idle shutdown, or it stopped: %r); "
+                    "lost workers are not replaced, close this cluster object",
+                    self.name,
+                    e,
+                )
+                return
+            self.scheduler_info = SchedulerInfo(info)
+            self._watch_worker_status_comm = comm
 
     def _replace_lost(self) -> None:
-        # Lost workers of a scheduler that is gone itself (the idle watchdog deletes them) stay lost.
-        if self._scheduler_gone:
+        if self.status == Status.running and not self._scheduler_gone and set(self.worker_spec) - set(self.workers):
+            asyncio.ensure_future(self._replace_lost_if_scheduler_alive())
+
+    async def _replace_lost_if_scheduler_alive(self) -> None:
+        # A scheduler that stopped itself (idle shutdown) reports its workers lost first:
+        # replacing them would create servers its watchdog is deleting.
+        try:
+            await asyncio.wait_for(self.scheduler_comm.identity(), 30)
+        except Exception as e:
+            logger.warning("cluster %s: scheduler unreachable (%r): lost workers not replaced", self.name, e)
             return
-        if self.status == Status.running and set(self.worker_spec) - set(self.workers):
+        if self.status == Status.running and not self._scheduler_gone:
             self._correct_state()
 
     # What users look at ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from . import remote
 from .cloud import (
     LABEL_CLUSTER,
     LABEL_ROLE,
+    LABEL_WORKER,
     ActionFailed,
     Cloud,
     CloudError,
@@ -319,6 +320,7 @@ class ClusterContext:
                     timeout=self.timeouts["server-create"],
                     what=what,
                     action_id=server.action_id,
+                    worker=server.labels.get(LABEL_WORKER),
                 )
             except ActionFailed as e:
                 # Shielded: a Ctrl-C now must not leave the broken server behind.
@@ -339,7 +341,9 @@ class ClusterContext:
         await self.cloud.delete_server(server.id)
         await self.forget_host_key(server)
         if wait:
-            await self.watcher.wait_gone(server.id, timeout=self.timeouts["close"])
+            await self.watcher.wait_gone(
+                server.id, timeout=self.timeouts["close"], worker=server.labels.get(LABEL_WORKER)
+            )
 
     # Provisioning ahead of SpecCluster ------------------------------------------------------
 

@@ -91,7 +91,12 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
             raise remote.SSHTimeout(f"server {server.name} ({server.location}): {e}") from e
         timings["ssh"] = time.monotonic() - t0
         ctx.report(name, "installing")
-        await bootstrap(ctx, conn, role, server)
+        try:
+            await bootstrap(ctx, conn, role, server)
+        except BootstrapError as e:
+            # A mirror or DNS blip on one server; the script is idempotent: once more.
+            logger.warning("%s: bootstrap failed, trying once more: %s", server.name, str(e).splitlines()[0])
+            await bootstrap(ctx, conn, role, server)
         timings["bootstrap"] = time.monotonic() - t0
         return Prepared(server, host_key.public_openssh, conn, timings, started_at)
     except BaseException:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 
-import dask
-import pytest
+# Tests never write the user's local cluster state (~/.local/state/dask-hetzner), and two test
+# runs at once never share one: a state directory per session, set before dask reads the
+# environment, so it holds for this process and for every process a test starts.
+os.environ["DASK_HETZNER__STATE_DIR"] = tempfile.mkdtemp(prefix="dask-hetzner-test-state-")
+
+import dask  # noqa: E402
+import pytest  # noqa: E402
 
 # Tests never talk to the real API, whatever the developer's environment says.
 for var in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT"):

@@ -48,11 +48,12 @@ def test_help_on_every_verb():
     # The real entry points: the console script and `dask hetzner`.
     bindir = Path(sys.executable).parent
     for argv in ([str(bindir / "dask-hetzner"), "--help"], [str(bindir / "dask"), "hetzner", "--help"]):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr
         assert "destroy" in done.stdout and "nuke" in done.stdout
 
 
+@pytest.mark.timeout(600)
 def test_expected_errors_are_one_line(sim, tmp_path):
     env = cli_env(sim, tmp_path / "state")
     cases = {
@@ -73,7 +74,7 @@ def test_expected_errors_are_one_line(sim, tmp_path):
         for case, (argv, _) in cases.items()
     }
     for case, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert cases[case][1] in one_line_error(result), case
     assert sim.leaks() == {}
@@ -84,11 +85,12 @@ def test_no_token_is_an_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT")}
     env["DASK_HETZNER__STATE_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [*CLI, "ls"], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        [*CLI, "ls"], env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
     )
     assert "token" in one_line_error(result)
 
 
+@pytest.mark.timeout(900)  # one cluster, a dozen CLI processes; slow on a loaded machine
 def test_cluster_lifecycle_through_the_cli(sim, tmp_path):
     state = tmp_path / "state"
     env = cli_env(sim, state)
@@ -134,7 +136,7 @@ def lifecycle(sim, env, state) -> None:
     # The same through `dask hetzner`.
     via_dask = subprocess.run(
         [str(Path(sys.executable).parent / "dask"), "hetzner", "ls", "--json"],
-        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
     )
     assert via_dask.returncode == 0 and json.loads(via_dask.stdout)[0]["name"] == "cli1"
 
@@ -209,6 +211,7 @@ def assert_interactive_pty(env) -> None:
         os.close(master)
 
 
+@pytest.mark.timeout(600)
 def test_nuke_goes_by_label_equality(sim, tmp_path):
     state = tmp_path / "state"
     env = cli_env(sim, state)

@@ -366,6 +366,26 @@ def test_bootstrap_fails_on_one_worker(fsim, scenario, monkeypatch):
         row["outcome"] = failed(info.value, t0) + "; rolled back"
 
 
+@pytest.mark.timeout(90)
+def test_bootstrap_fails_once_on_one_worker(fsim, scenario, monkeypatch):
+    with scenario("host: bootstrap fails once on worker-0 (a mirror blip)") as row:
+        real = nodes.bootstrap
+        failures: list[str] = []
+
+        async def broken_once(ctx: Any, conn: Any, role: str, server: Any) -> None:
+            if server.name == "h2b-worker-0" and not failures:
+                failures.append(server.name)
+                ctx = copy.copy(ctx)
+                ctx.bootstrap_scripts = {**ctx.bootstrap_scripts, "worker": BROKEN_BOOTSTRAP}
+            await real(ctx, conn, role, server)
+
+        monkeypatch.setattr(nodes, "bootstrap", broken_once)
+        with HetznerCluster(workers=1, name="h2b") as cluster:
+            check_up(cluster, 1)
+            assert failures == ["h2b-worker-0"]
+            row["outcome"] = up(cluster, fsim, "the idempotent bootstrap ran again")
+
+
 @pytest.mark.timeout(120)
 def test_worker_process_dies(fsim, scenario):
     with scenario("host: a worker's processes die") as row:

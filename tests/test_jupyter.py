@@ -29,7 +29,8 @@ pytest.importorskip(
     "dask_labextension", reason="dask-labextension is not installed (pip install 'dask-hetzner[jupyter]')"
 )
 
-pytestmark = pytest.mark.slow
+# A whole Jupyter server plus clusters: more than the default bound on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 LAB_CONFIG = {
     "labextension": {
@@ -191,7 +192,7 @@ class Lab:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

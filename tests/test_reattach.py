@@ -36,6 +36,7 @@ def state_dir(sim, tmp_path):
         yield path
 
 
+@pytest.mark.timeout(600)
 def test_reattach_from_another_process(sim, state_dir, tmp_path):
     """Process A creates a cluster and crashes; this process reattaches, computes, scales, closes."""
     script = tmp_path / "notebook.py"

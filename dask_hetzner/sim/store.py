@@ -1418,6 +1418,7 @@ class Store:
             return server.delete_action
         action = self.new_action("delete_server", [(server.id, "server")])
         server.delete_action = action
+        server.timings.mark("delete_requested")
         server.status = "deleting"
         old = server.task
 

@@ -527,7 +527,9 @@ class HetznerCluster(SpecCluster):
         (SSH tunnel reopened); the workers are rebuilt from the servers labelled
         ``dask-hetzner/role=worker``. Then ``scale``, ``adapt``, ``get_client`` and ``close``
         (which deletes everything) work as on the original; ``detach()`` leaves it running.
-        Needs the local state written when it was created (``hetzner.state-dir``).
+        Needs the local state written when it was created (``hetzner.state-dir``); the
+        cluster's choices come from there, and keyword arguments override them (a new
+        ``max_hourly_cost``, ``worker_options`` for new workers, ...).
         """
         import dask.config
 
@@ -555,29 +557,33 @@ class HetznerCluster(SpecCluster):
             "hetzner.dashboard-port": metadata["dashboard_port"],
             "hetzner.network-ip-range": metadata["network_ip_range"],
         }
+        stored: dict[str, Any] = {
+            "scheduler_server_type": metadata["scheduler_type"],
+            "worker_server_type": metadata["worker_type"],
+            "location": metadata["location"],
+            "fallback_locations": metadata.get("fallback_locations") or [],
+            "image": metadata["image"],
+            "packages": metadata.get("packages") or [],
+            "connect": metadata["connect"],
+            "allowed_cidrs": metadata.get("allowed_cidrs"),
+            "worker_options": metadata.get("worker_options") or {},
+            "scheduler_options": metadata.get("scheduler_options") or {},
+            "max_hourly_cost": metadata.get("max_hourly_cost"),
+            "idle_timeout": metadata.get("idle_timeout"),
+        }
+        # What the caller passes wins (a new max_hourly_cost, worker_options for new workers).
+        stored.update(kwargs)
         with dask.config.set(ports):
             return cls(
                 0,
                 name=name,
-                scheduler_server_type=metadata["scheduler_type"],
-                worker_server_type=metadata["worker_type"],
-                location=metadata["location"],
-                fallback_locations=metadata.get("fallback_locations") or [],
-                image=metadata["image"],
-                packages=metadata.get("packages") or [],
                 token=token,
                 api_endpoint=api_endpoint,
-                connect=metadata["connect"],
-                allowed_cidrs=metadata.get("allowed_cidrs"),
-                worker_options=metadata.get("worker_options") or {},
-                scheduler_options=metadata.get("scheduler_options") or {},
-                max_hourly_cost=metadata.get("max_hourly_cost"),
-                idle_timeout=metadata.get("idle_timeout"),
                 asynchronous=asynchronous,
                 loop=loop,
                 progress=progress,
                 _attach=Attachment(state, metadata, keys),
-                **kwargs,
+                **stored,
             )
 
     async def _start_attached(self) -> None:
@@ -710,7 +716,9 @@ class HetznerCluster(SpecCluster):
             # server; drop it from the plan instead of retrying it forever.
             failed = [n for n, w in self.workers.items() if w.status != Status.running]
             for n in failed:
-                self.workers.pop(n, None)
+                w = self.workers.pop(n, None)
+                if w is not None and w.status == Status.created:
+                    w.status = Status.failed  # SpecCluster's close checks every node it made
                 self.worker_spec.pop(n, None)
             logger.error("cluster %s: workers %s failed to start: %s", self.name, failed, e)
 
@@ -854,6 +862,11 @@ class HetznerCluster(SpecCluster):
         except Exception as e:
             logger.warning("cluster %s: scheduler unreachable (%r): lost workers not replaced", self.name, e)
             return
+        # The lost workers' closes (SpecCluster's timer) delete their servers: a successor
+        # of the same name is created once they are gone.
+        pending = [f for f in self._futures if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self._ctx.timeouts["close"])
         if self.status == Status.running and not self._scheduler_gone:
             self._correct_state()
 

@@ -98,6 +98,9 @@ class ClusterContext:
         self._group_lock = asyncio.Lock()
         self._sold_out: set[tuple[str, str]] = set()  # (server type, location) that said 412
         self._provisioning: dict[str, asyncio.Task[Any]] = {}
+        # Servers whose delete was sent: a new server of the same name (a lost worker's
+        # successor) must wait for them, not adopt them after a 409.
+        self._deleted: set[int] = set()
         # Set when the whole cluster is being closed: nodes skip what teardown does for all.
         self.closing = False
         self.scheduler_private: str | None = None
@@ -310,6 +313,14 @@ class ClusterContext:
             server = await self.create_server(
                 name=name, server_type=server_type, user_data=user_data, labels=labels
             )
+            while server.id in self._deleted:
+                # "Adopted" the predecessor being deleted: let it go, then create anew.
+                await self.watcher.wait_gone(
+                    server.id, timeout=self.timeouts["close"], worker=labels.get(LABEL_WORKER)
+                )
+                server = await self.create_server(
+                    name=name, server_type=server_type, user_data=user_data, labels=labels
+                )
             what = f"creating server {name} ({server_type} in {server.location})"
             try:
                 if on_created is not None:
@@ -336,6 +347,7 @@ class ClusterContext:
         raise AssertionError("unreachable")
 
     async def delete_server(self, server: ServerInfo, *, wait: bool = True) -> None:
+        self._deleted.add(server.id)
         self._release_group(server.name)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)

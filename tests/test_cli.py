@@ -35,6 +35,7 @@ def one_line_error(result) -> str:
     return err
 
 
+@pytest.mark.timeout(600)  # a dozen imports of dask's CLI; slow on a loaded machine
 def test_help_on_every_verb():
     runner = CliRunner()
     result = runner.invoke(cli, ["--help"])

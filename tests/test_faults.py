@@ -405,6 +405,32 @@ def test_worker_process_dies(fsim, scenario):
 
 
 @pytest.mark.timeout(120)
+def test_successor_never_adopts_its_predecessor(fsim, scenario):
+    """A server created under the name of one still being deleted (a lost worker's successor)
+    must be a new server: the 409 adoption of a timed-out POST may not take the old one."""
+    with scenario("host: a successor created while its predecessor is being deleted") as row:
+        with HetznerCluster(workers=1, name="h3b") as cluster:
+            check_up(cluster, 1)
+            ctx = cluster.context
+            old = ctx.servers["h3b-worker-0"]
+            fsim.inject("slow_action", method="DELETE", command="delete_server", duration=3)
+
+            async def replace() -> Any:
+                await ctx.delete_server(old, wait=False)
+                return await ctx.create_running_server(
+                    name=old.name,
+                    server_type=old.server_type,
+                    user_data="#cloud-config\n",
+                    labels=dict(old.labels),
+                )
+
+            new = cluster.sync(replace)
+            assert new.id != old.id
+            assert [s["id"] for s in fsim.resources()["servers"] if s["name"] == old.name] == [new.id]
+            row["outcome"] = "waited for the old server to go, then created a new one"
+
+
+@pytest.mark.timeout(120)
 def test_scheduler_server_vanishes(fsim, scenario):
     with scenario("host: the scheduler's server vanishes") as row:
         cluster = HetznerCluster(workers=1, name="h4")

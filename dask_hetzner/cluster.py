@@ -406,6 +406,15 @@ class HetznerCluster(SpecCluster):
             return await self._disconnect()
         # Nodes then delete without waiting one by one: teardown waits for all at once.
         self._ctx.closing = True
+        if self.status == Status.running and not self._scheduler_gone and self.scheduler_comm:
+            # A scheduler that is gone (its server vanished) must not hold the close for a
+            # connect timeout per call: ask once, briefly.
+            try:
+                await asyncio.wait_for(self.scheduler_comm.identity(), 10)
+            except Exception as e:
+                logger.warning("cluster %s: the scheduler does not answer (%r); deleting", self.name, e)
+                self._scheduler_gone = True
+                self.scheduler_comm.timeout = 1
         try:
             await super()._close()
         finally:
@@ -678,7 +687,8 @@ class HetznerCluster(SpecCluster):
 
     async def _correct_state_internal(self) -> None:
         to_close = set(self.workers) - set(self.worker_spec)
-        unreachable = self._scheduler_gone
+        # Closing deletes every server: moving data among them first would be wasted time.
+        unreachable = self._scheduler_gone or self._ctx.closing
         if (
             to_close
             and not unreachable

@@ -143,6 +143,7 @@ class HetznerCluster(SpecCluster):
 
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
+    _resubscribing: asyncio.Future[Any] | None = None
 
     def __init__(
         self,
@@ -406,10 +407,16 @@ class HetznerCluster(SpecCluster):
             return await self._disconnect()
         # Nodes then delete without waiting one by one: teardown waits for all at once.
         self._ctx.closing = True
+        if self._resubscribing is not None and not self._resubscribing.done():
+            self._resubscribing.cancel()  # the scheduler stream is being closed anyway
         if self.status == Status.running and not self._scheduler_gone and self.scheduler_comm:
             # A scheduler that is gone (its server vanished) must not hold the close for a
-            # connect timeout per call: ask once, briefly.
+            # connect timeout per call: ask once, briefly; not at all while its tunnel is down
+            # (every server is deleted next: a graceful goodbye is not worth the wait).
+            tunnel = getattr(self.scheduler, "tunnel", None)
             try:
+                if self._ctx.connect == "tunnel" and tunnel is not None and not tunnel.up:
+                    raise ConnectionError("its SSH tunnel is down")
                 await asyncio.wait_for(self.scheduler_comm.identity(), 10)
             except Exception as e:
                 logger.warning("cluster %s: the scheduler does not answer (%r); deleting", self.name, e)
@@ -840,13 +847,14 @@ class HetznerCluster(SpecCluster):
             if self.status != Status.running:
                 return  # closing: the stream was closed on purpose
             # The stream ended while running: the scheduler stopped (idle shutdown, a crash),
-            # or only the SSH tunnel dropped and reconnected. Ask before concluding.
+            # or only the SSH tunnel dropped and reconnected. Ask before concluding; a close
+            # meanwhile cancels the question (Cluster._close waits for this task).
+            self._resubscribing = probe = asyncio.ensure_future(self._resubscribe())
+            await asyncio.wait({probe})
+            if probe.cancelled():
+                return
             try:
-                await asyncio.wait_for(self.scheduler_comm.identity(), 30)
-                comm = await asyncio.wait_for(self.scheduler_comm.live_comm(), 30)
-                comm.name = "Cluster worker status"
-                await comm.write({"op": "subscribe_worker_status"})
-                info = await asyncio.wait_for(comm.read(), 30)
+                comm, info = probe.result()
             except Exception as e:
                 self._scheduler_gone = True
                 self.scheduler_comm.timeout = 5  # nothing answers there any more: fail fast
@@ -859,6 +867,13 @@ class HetznerCluster(SpecCluster):
                 return
             self.scheduler_info = SchedulerInfo(info)
             self._watch_worker_status_comm = comm
+
+    async def _resubscribe(self) -> tuple[Any, Any]:
+        await asyncio.wait_for(self.scheduler_comm.identity(), 30)
+        comm = await asyncio.wait_for(self.scheduler_comm.live_comm(), 30)
+        comm.name = "Cluster worker status"
+        await comm.write({"op": "subscribe_worker_status"})
+        return comm, await asyncio.wait_for(comm.read(), 30)
 
     def _replace_lost(self) -> None:
         if self.status == Status.running and not self._scheduler_gone and set(self.worker_spec) - set(self.workers):

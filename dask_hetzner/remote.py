@@ -647,6 +647,11 @@ class Tunnel:
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
 
+    @property
+    def up(self) -> bool:
+        """Whether the forwards work now (False while reconnecting)."""
+        return not self._closing and not self.conn.is_closed()
+
     async def forward(self, remote_host: str, remote_port: int) -> int:
         _, local = await self.conn.forward_local(remote_host, remote_port)
         self._forwards.append((remote_host, remote_port, local))

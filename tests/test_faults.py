@@ -442,7 +442,9 @@ def test_scheduler_server_vanishes(fsim, scenario):
             t0 = time.monotonic()
             cluster.close(timeout=90)
         closed = time.monotonic() - t0
-        assert closed < 60, f"close took {closed:.0f} s"
+        # A bound, not a benchmark: below distributed's 30 s connect timeout, which a close
+        # that waits on the vanished scheduler would spend at least once.
+        assert closed < 25, f"close took {closed:.0f} s"
         row["outcome"] = f"close() deleted the rest in {closed:.1f} s"
 
 

@@ -155,10 +155,16 @@ async def test_two_hundred_servers_list_fast(asim):
         names = []
         try:
             for page in range(1, 5):
-                t0 = time.perf_counter()
-                r = await raw.get("/servers", params={"label_selector": "cluster=big", "page": page, "per_page": 50})
-                elapsed = time.perf_counter() - t0
-                assert r.status == 200 and len(r.body["servers"]) == 50
+                # Best of three: a busy machine delays single answers; a slow listing is slow
+                # every time.
+                elapsed = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    r = await raw.get(
+                        "/servers", params={"label_selector": "cluster=big", "page": page, "per_page": 50}
+                    )
+                    elapsed = min(elapsed, time.perf_counter() - t0)
+                    assert r.status == 200 and len(r.body["servers"]) == 50
                 assert elapsed < 0.1, f"page {page} took {elapsed * 1000:.0f} ms"
                 names += [s["name"] for s in r.body["servers"]]
         finally:

@@ -649,16 +649,11 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
 
 
 async def _types(location: str | None, token: str | None, endpoint: str | None) -> list[dict[str, Any]]:
-    from .cloud import CloudError, ConfigError
-    from .manage import _refused, make_cloud
+    from .cloud import ConfigError
+    from .manage import project_cloud
 
-    cloud = make_cloud(token, endpoint)
-    try:
+    async with project_cloud(token, endpoint) as cloud:
         catalog, locations = await asyncio.gather(cloud.server_types(), cloud.locations())
-    except CloudError as e:
-        raise _refused(e) from None
-    finally:
-        cloud.close()
     if location is not None and location not in locations:
         raise ConfigError(f"unknown location {location!r}; valid locations: {', '.join(sorted(locations))}")
     rows = []

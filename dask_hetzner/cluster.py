@@ -26,7 +26,7 @@ from distributed.utils import Log, Logs
 
 from . import __version__, config, environment, idle, manage
 from .attach import AttachedScheduler, AttachedWorker, AttachError, Attachment
-from .cloud import LABEL_WORKER, Cloud, ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
 from .context import ClusterContext, check_same_zone
 from .manage import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported)
 from .nodes import SchedulerServer, WorkerServer, _quietly, worker_defaults
@@ -207,16 +207,7 @@ class HetznerCluster(SpecCluster):
             raise ConfigError(
                 "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
             )
-        cloud = Cloud(
-            self._token,
-            config.endpoint(api_endpoint),
-            threads=int(config.get("api.threads")),
-            request_timeout=config.seconds("timeouts.api-request"),
-            max_retries=int(config.get("api.max-retries")),
-            poll_interval=config.seconds("api.poll-interval"),
-            backoff_base=config.seconds("api.backoff-base"),
-            backoff_max=config.seconds("api.backoff-max"),
-        )
+        cloud = manage.make_cloud(self._token, api_endpoint)
         if attach is None:
             ca = ClusterCA.generate(name)
             client_cert = ca.issue("dask-client")

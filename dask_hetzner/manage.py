@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
 import os
 import re
 import shlex
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -85,6 +86,18 @@ def _refused(e: CloudError) -> Exception:
     return e
 
 
+@contextlib.asynccontextmanager
+async def project_cloud(token: str | None = None, api_endpoint: str | None = None) -> AsyncIterator[Cloud]:
+    """A ``Cloud`` for one command: closed afterwards, a refused token as a ``ConfigError``."""
+    cloud = make_cloud(token, api_endpoint)
+    try:
+        yield cloud
+    except CloudError as e:
+        raise _refused(e) from None
+    finally:
+        cloud.close()
+
+
 def state_of(name: str) -> ClusterState:
     return ClusterState(root_dir(config.get("state-dir")), name)
 
@@ -139,13 +152,8 @@ async def alist_clusters(
     *, token: str | None = None, api_endpoint: str | None = None
 ) -> list[ClusterInfo]:
     """Every cluster of the project (see :func:`list_clusters`)."""
-    cloud = make_cloud(token, api_endpoint)
-    try:
+    async with project_cloud(token, api_endpoint) as cloud:
         clusters, types = await asyncio.gather(cloud.all_clusters(), cloud.server_types())
-    except CloudError as e:
-        raise _refused(e) from None
-    finally:
-        cloud.close()
     root = root_dir(config.get("state-dir"))
     now = datetime.datetime.now(datetime.timezone.utc)
     out = []
@@ -213,15 +221,10 @@ async def anuke(
     check_name(name)  # also keeps the label selector from being anything but one equality
     state = state_of(name)
     had_state = await asyncio.to_thread(state.path.exists)
-    cloud = make_cloud(token, api_endpoint)
-    try:
+    async with project_cloud(token, api_endpoint) as cloud:
         found = await cloud.delete_cluster(
             name, timeout=timeout if timeout is not None else config.seconds("timeouts.close")
         )
-    except CloudError as e:
-        raise _refused(e) from None
-    finally:
-        cloud.close()
     # Only after the API confirmed: the state is what reaches the cluster until then.
     await asyncio.to_thread(state.remove)
     if not len(found) and not had_state:
@@ -341,13 +344,8 @@ async def access(name: str, *, token: str | None = None, api_endpoint: str | Non
     """Local state plus the API's servers of cluster ``name``; clear errors when either is missing."""
     check_name(name)
     state = state_of(name)
-    cloud = make_cloud(token, api_endpoint)
-    try:
+    async with project_cloud(token, api_endpoint) as cloud:
         found = await cloud.cluster_resources(name)
-    except CloudError as e:
-        raise _refused(e) from None
-    finally:
-        cloud.close()
     if not len(found):
         raise UnknownCluster(f"no cluster named {name!r} in this project (nothing carries its label)")
 

@@ -257,6 +257,22 @@ class _Host:
     def may_write(self, path: str) -> bool:
         return any(path == root or path.startswith(root + "/") for root in self.writable)
 
+    async def cut_ssh(self, *, stop_listening: bool) -> list[asyncssh.SSHAcceptor]:
+        """Abort every SSH session; with ``stop_listening`` also close sshd's listeners first.
+
+        Returns the listeners closed (empty when sshd keeps listening).
+        """
+        acceptors: list[asyncssh.SSHAcceptor] = []
+        if stop_listening:
+            acceptors, self.acceptors = self.acceptors, []
+            for acceptor in acceptors:
+                acceptor.close()
+        for conn in list(self.connections):
+            conn.abort()
+        for acceptor in acceptors:
+            await acceptor.wait_closed()
+        return acceptors
+
 
 class _HostSSHServer(asyncssh.SSHServer):
     """sshd's policy for one host: root by public key, forwards to loopback only."""
@@ -511,15 +527,7 @@ class HostManager:
         if host is None or not host.running:
             return
         async with host.lock:
-            acceptors: list[asyncssh.SSHAcceptor] = []
-            if down > 0:
-                acceptors, host.acceptors = host.acceptors, []
-                for acceptor in acceptors:
-                    acceptor.close()
-            for conn in list(host.connections):
-                conn.abort()
-            for acceptor in acceptors:
-                await acceptor.wait_closed()
+            acceptors = await host.cut_ssh(stop_listening=down > 0)
         if not acceptors:
             return
         await asyncio.sleep(down)
@@ -667,13 +675,7 @@ class HostManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await host.listen_task
             host.listen_task = None
-        acceptors, host.acceptors = host.acceptors, []
-        for acceptor in acceptors:
-            acceptor.close()
-        for conn in list(host.connections):
-            conn.abort()
-        for acceptor in acceptors:
-            await acceptor.wait_closed()
+        await host.cut_ssh(stop_listening=True)
         waits: list[asyncio.Future[Any]] = []
         task, host.sandbox_task = host.sandbox_task, None
         if task is not None:

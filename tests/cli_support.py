@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 import dask
-import hcloud
+from support import sdk, servers_of  # noqa: F401  (servers_of: for the CLI tests)
 
 from dask_hetzner.cloud import LABEL_CLUSTER, LABEL_ROLE
 
@@ -83,12 +83,8 @@ def read_until(stream: IO[str], wanted: str, *, timeout: float = 120) -> list[st
                 return lines
 
 
-def sdk(sim) -> hcloud.Client:
-    return hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
 
 
-def servers_of(sim, name: str) -> list:
-    return sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
 
 
 def make_leftovers(sim, name: str, *, server: bool = True) -> None:

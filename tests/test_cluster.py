@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import dask
 import dask.array as da
-import hcloud
 import pytest
 from distributed import Client
+from support import StallProbe, sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster
 from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
@@ -17,21 +16,10 @@ from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
 pytestmark = pytest.mark.slow
 
 
-def wait_until(cond, *, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll a condition with a bound; the failure says what was awaited."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
 
 
-def sdk(sim) -> hcloud.Client:
-    return hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
 
 
-def servers_of(sim, name: str) -> list:
-    return sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
 
 
 def test_sync_cluster_computes_scales_and_cleans_up(sim):
@@ -278,26 +266,11 @@ def test_sigint_while_starting_rolls_back(sim, tmp_path):
 
 async def test_event_loop_never_stalls_while_ten_workers_start(sim_process):
     """The SDK runs in threads: the client's loop keeps ticking while 10 servers start."""
-    loop = asyncio.get_running_loop()
-    worst = 0.0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal worst
-        while not stop.is_set():
-            before = loop.time()
-            await asyncio.sleep(0.01)  # the probe itself: lateness of this wake-up is the stall
-            worst = max(worst, loop.time() - before - 0.01)
-
-    probe = asyncio.create_task(ticker())
-    try:
+    async with StallProbe() as probe:
         async with HetznerCluster(workers=10, name="stall1", asynchronous=True) as cluster:
             async with Client(cluster, asynchronous=True) as client:
                 await client.wait_for_workers(10, timeout=300)
-    finally:
-        stop.set()
-        await probe
-    assert worst < 0.1, f"event loop stalled {worst * 1000:.0f} ms"
+    assert probe.worst < 0.1, f"event loop stalled {probe.worst * 1000:.0f} ms"
 
 
 def _free_port() -> int:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import dask
-import hcloud
 import pytest
 from distributed import Client
+from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster
-from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError, ServerTypeInfo
+from dask_hetzner.cloud import ConfigError, ServerTypeInfo
 from dask_hetzner.cluster import CostLimitError, _price
-
-
-def sdk(sim) -> hcloud.Client:
-    return hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
 
 
 def hourly(sim, server_type: str, location: str = "fsn1") -> float:
@@ -27,16 +22,8 @@ def hourly(sim, server_type: str, location: str = "fsn1") -> float:
     return float(price["price_hourly"]["gross"])
 
 
-def servers_of(sim, name: str) -> list:
-    return sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
 
 
-def wait_until(cond, *, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
 
 
 def test_price_is_the_dearest_candidate_location():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import os
 import signal
 import subprocess
@@ -23,8 +24,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import dask
-import hcloud
 import pytest
+import support
 import yaml
 from distributed import Client
 
@@ -83,13 +84,7 @@ def _first_line(e: BaseException, limit: int = 150) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def wait_until(cond: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll a condition with a bound; the failure says what was awaited."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(0.1)  # polling interval of a bounded wait, not synchronisation
+wait_until = functools.partial(support.wait_until, interval=0.1)
 
 
 def server_names(sim: Any) -> set[str]:
@@ -249,7 +244,7 @@ def test_timed_out_create_is_adopted_on_uniqueness_error(fsim, scenario):
 @pytest.mark.timeout(60)
 def test_leftover_with_the_same_name_is_reported(fsim, scenario):
     with scenario("8 409 uniqueness_error: a leftover network of that name") as row:
-        sdk = hcloud.Client(token=fsim.token, api_endpoint=fsim.endpoint)
+        sdk = support.sdk(fsim)
         # Someone's network named like the cluster, without its labels.
         leftover = sdk.networks.create(name="f8b", ip_range="10.9.0.0/16")
         t0 = time.monotonic()
@@ -274,7 +269,7 @@ def test_full_placement_group_takes_another(fsim, scenario):
 
 
 def sdk_groups(sim: Any, name: str) -> list:
-    sdk = hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
+    sdk = support.sdk(sim)
     return sdk.placement_groups.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
 
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import dask
-import hcloud
 import pytest
 from distributed import Client, Scheduler, Worker
 from hcloud.firewalls import FirewallRule
@@ -21,27 +20,11 @@ from hcloud.images import Image
 from hcloud.locations import Location
 from hcloud.networks import NetworkSubnet
 from hcloud.server_types import ServerType
+from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, idle
 from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
 from dask_hetzner.security import SSHKeyPair
-
-
-def wait_until(cond, *, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll a condition with a bound; the failure says what was awaited."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
-
-
-def sdk(sim) -> hcloud.Client:
-    return hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
-
-
-def servers_of(sim, name: str) -> list:
-    return sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}")
 
 
 def cluster_leftovers(sim, name: str) -> dict:
@@ -68,6 +51,15 @@ def test_idle_for_counts_from_the_heartbeat_or_its_silence():
     # The scheduler died while busy: its silence counts.
     dead = {"time": now - 300, "idle_since": None}
     assert idle.idle_for(dead, now, watching_since=now - 500) == 300
+
+
+def test_watchdog_constants_match_the_cloud_layer():
+    """idle.py runs alone on the server and imports nothing of the package: its copies of the
+    cluster label and of the transient error codes must stay those of the cloud layer."""
+    from dask_hetzner import cloud
+
+    assert idle.LABEL_CLUSTER == cloud.LABEL_CLUSTER
+    assert idle.TRANSIENT_CODES == cloud.TRANSIENT_CODES
 
 
 def test_settings_never_show_the_token():

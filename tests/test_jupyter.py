@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import dask
-import hcloud
 import pytest
+from support import StallProbe, sdk
 
 pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (pip install 'dask-hetzner[jupyter]')")
 pytest.importorskip(
@@ -42,7 +42,7 @@ LAB_CONFIG = {
 
 
 def server_names(sim) -> set[str]:
-    client = hcloud.Client(token=sim.token, api_endpoint=sim.endpoint)
+    client = sdk(sim)
     return {s.name for s in client.servers.get_all()}
 
 
@@ -60,19 +60,7 @@ async def test_labextension_cluster_manager(sim):
     import aiohttp
     from dask_labextension.manager import DaskClusterManager
 
-    loop = asyncio.get_running_loop()
-    worst = 0.0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal worst
-        while not stop.is_set():
-            before = loop.time()
-            await asyncio.sleep(0.01)  # the probe itself: lateness of this wake-up is the stall
-            worst = max(worst, loop.time() - before - 0.01)
-
-    probe = asyncio.create_task(ticker())
-    try:
+    async with StallProbe() as probe:
         with dask.config.set({**LAB_CONFIG, "hetzner.name": "lab1"}):
             async with DaskClusterManager() as manager:
                 model = await manager.start_cluster(configuration={"name": "Hetzner"})
@@ -112,12 +100,9 @@ async def test_labextension_cluster_manager(sim):
                 assert closed["id"] == cid
                 assert manager.list_clusters() == []
                 assert sim.leaks() == {}
-    finally:
-        stop.set()
-        await probe
     # The simulator shares this process (and its GIL): the bound is loose, but a blocking
     # SDK call or SSH handshake on the loop would take far longer.
-    assert worst < 1.0, f"the Jupyter event loop stalled {worst * 1000:.0f} ms"
+    assert probe.worst < 1.0, f"the Jupyter event loop stalled {probe.worst * 1000:.0f} ms"
 
 
 def _free_port() -> int:

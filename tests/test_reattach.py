@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import dask
 import dask.array as da
@@ -12,6 +11,7 @@ import pytest
 from cli_support import cli_env, make_leftovers, read_until, servers_of
 from distributed.core import Status
 from distributed.utils import Logs
+from support import wait_until
 
 from dask_hetzner import HetznerCluster, UnknownCluster, list_clusters, nuke
 from dask_hetzner.cloud import ConfigError
@@ -21,12 +21,6 @@ from dask_hetzner.state import ClusterState, Secrets, StateError
 pytestmark = pytest.mark.slow
 
 
-def wait_until(cond, *, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -362,9 +362,10 @@ class HetznerCluster(SpecCluster):
             await self._write_state()
             await self._ctx.setup()
             # Workers' servers are created and bootstrapped while the scheduler starts.
-            self._ctx.prestart("scheduler", "scheduler")
-            for worker_name in self.worker_spec:
-                self._ctx.prestart(worker_name, "worker")
+            self._ctx.prestart("scheduler", "scheduler", {})
+            for worker_name, spec in self.worker_spec.items():
+                options = {k: v for k, v in spec.get("options", {}).items() if k != "context"}
+                self._ctx.prestart(worker_name, "worker", options)
             await super()._start()
         except BaseException:
             self.status = Status.failed

@@ -103,7 +103,9 @@ class ClusterContext:
         self._deleted: set[int] = set()
         # Set when the whole cluster is being closed: nodes skip what teardown does for all.
         self.closing = False
+        # Where workers reach the scheduler (tls://private-ip:port), once known.
         self.scheduler_private: str | None = None
+        self._scheduler_known: asyncio.Event | None = None
         self.dashboard_link: str | None = None
         # Set by the cluster: the local state directory that pins follow as servers come and go.
         self.state: ClusterState | None = None
@@ -120,6 +122,34 @@ class ClusterContext:
             timeout=30.0,
             retry_until=self.timeouts["ssh"] if retry_for is None else retry_for,
         )
+
+    # The scheduler's address, for workers ---------------------------------------------------
+
+    def _known(self) -> asyncio.Event:
+        if self._scheduler_known is None:  # made in the loop: the context is made outside it
+            self._scheduler_known = asyncio.Event()
+        return self._scheduler_known
+
+    def set_scheduler_address(self, address: str) -> None:
+        self.scheduler_private = address
+        self._known().set()
+
+    async def wait_scheduler_address(self, waiter: str) -> str:
+        """The scheduler's private address; bounded by the scheduler's own start."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Python 3.11's wait_for can swallow a cancellation that raced its inner future;
+            # a provision cancelled so must not go on to wait for a scheduler that never comes.
+            raise asyncio.CancelledError(f"{waiter}: cancelled")
+        timeout = sum(self.timeouts[k] for k in ("server-create", "ssh", "bootstrap", "process-start"))
+        try:
+            await asyncio.wait_for(self._known().wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{waiter}: the scheduler's address was not known within {timeout:.0f} s"
+            ) from None
+        assert self.scheduler_private is not None
+        return self.scheduler_private
 
     # Host keys, in memory and in the local state ---------------------------------------------
 
@@ -359,14 +389,15 @@ class ClusterContext:
 
     # Provisioning ahead of SpecCluster ------------------------------------------------------
 
-    def prestart(self, name: str, role: str) -> None:
+    def prestart(self, name: str, role: str, options: dict[str, Any]) -> None:
+        """Begin provisioning ``name`` now (a worker's process starts with ``options``)."""
         from .nodes import provision
 
         if name not in self._provisioning:
-            self._provisioning[name] = asyncio.ensure_future(provision(self, name, role))
+            self._provisioning[name] = asyncio.ensure_future(provision(self, name, role, options))
 
-    async def take_or_provision(self, name: str, role: str) -> Any:
-        self.prestart(name, role)
+    async def take_or_provision(self, name: str, role: str, options: dict[str, Any]) -> Any:
+        self.prestart(name, role, options)
         task = self._provisioning[name]
         try:
             return await asyncio.shield(task)

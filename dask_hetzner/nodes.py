@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
-from . import environment, idle, remote
+from . import early_start, environment, idle, remote
 from .cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, CloudError, ServerInfo, ServerTypeInfo
 from .security import HostKey, cloud_config
 
@@ -51,8 +51,14 @@ class Prepared:
         self.timings[phase] = time.time() - self.started_at
 
 
-async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
-    """Create one server and make it ready to run ``role``; on any failure delete it."""
+async def provision(
+    ctx: ClusterContext, name: str, role: str, options: dict[str, Any] | None = None
+) -> Prepared:
+    """Create one server and make it ready to run ``role``; on any failure delete it.
+
+    A worker's process is started here too (with ``options``), as soon as its environment is
+    built and the scheduler's address is known, even before the scheduler answers.
+    """
     t0 = time.monotonic()
     started_at = time.time()
     timings: dict[str, float] = {}
@@ -82,6 +88,9 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
         # Now with its addresses and status: what the cluster's repr shows.
         ctx.servers[server.name] = server
         timings["running"] = time.monotonic() - t0
+        if role == "scheduler" and ctx.scheduler_port and server.private_ip:
+            # A fixed port: workers know where to go before the scheduler runs.
+            ctx.set_scheduler_address(f"tls://{server.private_ip}:{ctx.scheduler_port}")
         ctx.report(name, "connecting")
         assert server.public_ip, f"server {server.name} has no public IPv4"
         try:
@@ -98,7 +107,10 @@ async def provision(ctx: ClusterContext, name: str, role: str) -> Prepared:
             logger.warning("%s: bootstrap failed, trying once more: %s", server.name, str(e).splitlines()[0])
             await bootstrap(ctx, conn, role, server)
         timings["bootstrap"] = time.monotonic() - t0
-        return Prepared(server, host_key.public_openssh, conn, timings, started_at)
+        prepared = Prepared(server, host_key.public_openssh, conn, timings, started_at)
+        if role == "worker":
+            await launch_worker(ctx, prepared, name, options or {})
+        return prepared
     except BaseException:
         if conn is not None:
             await _quietly(conn.close())
@@ -156,6 +168,46 @@ def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
     }
 
 
+async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: dict[str, Any]) -> None:
+    """Start ``dask worker`` detached on a prepared server, then close its SSH connection.
+
+    It starts as soon as the scheduler's address is known: with a fixed scheduler port that
+    is when the scheduler's server runs, so the worker's own start (imports, fork server)
+    overlaps the scheduler's, and a nanny preload waits until the scheduler answers.
+    """
+    ip = p.server.private_ip
+    assert ip, f"server {p.server.name} has no private network address"
+    await write_tls(ctx, p.conn, f"dask-worker-{name}", [ip])
+    preload = await early_start.install(p.conn)
+    server_type = (await ctx.cloud.server_types())[ctx.worker_type]
+    options = {**worker_defaults(server_type), **options}
+    ctx.report(name, "waiting for the scheduler")
+    scheduler = await ctx.wait_scheduler_address(f"worker {name}")
+    args = [
+        f"{REMOTE_DIR}/env/bin/dask",
+        "worker",
+        shlex.quote(scheduler),
+        f"--name {shlex.quote(name)}",
+        f"--host {ip}",
+        "--no-dashboard",
+        f"--local-directory {REMOTE_DIR}/work",
+        f"--preload-nanny {preload}",
+        TLS_ARGS,
+    ]
+    for key, value in options.items():
+        args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    wait = int(sum(ctx.timeouts[k] for k in ("server-create", "ssh", "bootstrap", "process-start")))
+    env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={wait}"
+    p.mark("process")
+    await p.conn.start_detached(
+        f"env {env} " + " ".join(args),
+        log=f"{REMOTE_DIR}/worker.log",
+        pidfile=f"{REMOTE_DIR}/worker.pid",
+    )
+    # Workers keep no SSH connection open: 200 idle sessions help nobody.
+    await _quietly(p.conn.close())
+
+
 class HetznerNode(ProcessInterface):
     role = ""
 
@@ -171,7 +223,7 @@ class HetznerNode(ProcessInterface):
         return self.prepared.server if self.prepared else None
 
     async def _provision(self) -> Prepared:
-        return await self.context.take_or_provision(self.name, self.role)
+        return await self.context.take_or_provision(self.name, self.role, {})
 
     async def _stop_process(self) -> None:
         if self.prepared is not None:
@@ -276,7 +328,7 @@ class SchedulerServer(HetznerNode):
         # Workers always reach the scheduler over the private network.
         self.contact_address = f"tls://{ip}:{port}"
         self.dashboard_port = info.get("services", {}).get("dashboard")
-        ctx.scheduler_private = self.contact_address
+        ctx.set_scheduler_address(self.contact_address)
         reconnect = lambda: ctx.ssh(p.server.public_ip or "", p.host_key_public)  # noqa: E731
         if ctx.connect == "tunnel":
             self.tunnel = remote.Tunnel(p.conn, reconnect)
@@ -320,39 +372,9 @@ class WorkerServer(HetznerNode):
         self.options = kwargs
 
     async def start(self) -> None:
-        ctx = self.context
-        self.prepared = p = await self._provision()
-        try:
-            ip = p.server.private_ip
-            assert ip, f"server {p.server.name} has no private network address"
-            await write_tls(ctx, p.conn, f"dask-worker-{self.name}", [ip])
-            server_type = (await ctx.cloud.server_types())[ctx.worker_type]
-            options = {**worker_defaults(server_type), **self.options}
-            args = [
-                f"{REMOTE_DIR}/env/bin/dask",
-                "worker",
-                shlex.quote(ctx.scheduler_private or self.scheduler),
-                f"--name {shlex.quote(self.name)}",
-                f"--host {ip}",
-                "--no-dashboard",
-                f"--local-directory {REMOTE_DIR}/work",
-                TLS_ARGS,
-            ]
-            for key, value in options.items():
-                args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-            p.mark("process")
-            await p.conn.start_detached(
-                f"env {PROCESS_ENV} " + " ".join(args),
-                log=f"{REMOTE_DIR}/worker.log",
-                pidfile=f"{REMOTE_DIR}/worker.pid",
-            )
-            # Workers keep no SSH connection open: 200 idle sessions help nobody.
-            await _quietly(p.conn.close())
-            ctx.report(self.name, "running")
-        except BaseException:
-            await _quietly(p.conn.close())
-            await asyncio.shield(self.context.delete_server(p.server, wait=False))
-            raise
+        # Its process was started with its server (see launch_worker).
+        self.prepared = await self.context.take_or_provision(self.name, self.role, self.options)
+        self.context.report(self.name, "running")
         await super().start()
 
     async def _stop_process(self) -> None:

@@ -19,13 +19,26 @@ for var in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT"):
     os.environ.pop(var, None)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+# Other programs may hold 8786 on this machine: a port free now, fixed for the session, as
+# on Hetzner (where workers know the scheduler's address before it runs). Every simulated
+# scheduler listens on its own loopback address, so they can share it.
+SCHEDULER_PORT = _free_port()
+
+
 def sim_config(sim) -> dict:
     return {
         "hetzner.token": sim.token,
         "hetzner.api-endpoint": sim.endpoint,
         "hetzner.ssh-port": sim.ssh_port,
-        # Other programs may hold 8786/8787 on this machine.
-        "hetzner.scheduler-port": 0,
+        "hetzner.scheduler-port": SCHEDULER_PORT,
         "hetzner.dashboard-port": 0,
         "hetzner.api.poll-interval": "100ms",
         # Bounds for a loaded 2-core machine, far below the production defaults.

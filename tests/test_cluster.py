@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import dask
 import dask.array as da
@@ -50,7 +51,11 @@ def test_sync_cluster_computes_scales_and_cleans_up(sim):
 
 
 async def test_async_cluster(sim):
-    async with HetznerCluster(workers=1, name="async1", asynchronous=True) as cluster:
+    # Port 0: the scheduler picks one, so workers learn its address only once it runs.
+    with dask.config.set({"hetzner.scheduler-port": 0}):
+        cluster = await HetznerCluster(workers=1, name="async1", asynchronous=True)
+    async with cluster:
+        assert cluster.scheduler.contact_address.rsplit(":", 1)[1] != "0"
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(1, timeout=120)
             assert await client.submit(lambda x: x + 1, 41) == 42
@@ -61,6 +66,28 @@ async def test_async_cluster(sim):
                 async with http.get(cluster.dashboard_link) as r:
                     assert r.status == 200
     assert await asyncio.to_thread(servers_of, sim, "async1") == []
+
+
+def test_workers_start_before_the_scheduler_answers(sim):
+    # The scheduler's server answers SSH 8 s late: the workers' servers are bootstrapped long
+    # before, and their processes start at once (the scheduler's address is known from its
+    # server and fixed port) and wait for it, instead of starting only after it runs.
+    sim.inject("slow_boot", name="early1-scheduler", delay=8)
+    with HetznerCluster(workers=2, name="early1") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        sched = cluster.scheduler.prepared
+        scheduler_process = sched.started_at + sched.timings["process"]
+        for name in ("worker-0", "worker-1"):
+            p = cluster.workers[name].prepared
+            assert p.started_at + p.timings["process"] < scheduler_process, name
+        logs = cluster.get_logs(cluster=False, scheduler=False)
+        for name in ("worker-0", "worker-1"):
+            waited = re.search(r"waited ([0-9.]+) s for the scheduler at (\S+)", logs[name])
+            assert waited, logs[name]
+            assert float(waited.group(1)) > 0 and waited.group(2) == cluster.scheduler.contact_address
+            # Its worker process was forked from the fork server started while it waited.
+            assert "Registered to" in logs[name]
+        assert client.submit(lambda x: x + 1, 1).result(timeout=60) == 2
 
 
 def test_scale_down_is_graceful(sim):

@@ -427,6 +427,7 @@ class HostManager:
             if path.parts[1:2] in (("dev",), ("proc",), ("sys",)):
                 raise ValueError(f"{path}: simulated hosts cannot live under /dev, /proc or /sys")
         self._hosts: dict[int, _Host] = {}
+        self._removals: set[asyncio.Future[None]] = set()  # directories of destroyed servers
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
         self._tools: dict[str, str] = {}
@@ -493,14 +494,26 @@ class HostManager:
             await self._stop(host)
 
     async def destroy(self, server_id: int) -> None:
-        """Power off and remove the server's directory."""
+        """Power off; the server's directory is removed in the background.
+
+        A deleted server's disk is gone at once on Hetzner; here removing a directory with a
+        built environment takes seconds of I/O, which must not make a delete last longer.
+        :meth:`removed` waits for it.
+        """
         host = self._hosts.get(server_id)
         if host is not None:
             async with host.lock:
                 await self._stop(host)
                 self._hosts.pop(server_id, None)
         private = self.root_dir / ".private" / str(server_id)
-        await asyncio.to_thread(_rmtree, self.directory(server_id), private)
+        task = asyncio.ensure_future(asyncio.to_thread(_rmtree, self.directory(server_id), private))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def removed(self) -> None:
+        """Wait until the directories of destroyed servers are gone."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     def kill_processes(self, server_id: int) -> None:
         """Host fault: every process of the server dies at once; SSH stays up.
@@ -539,6 +552,7 @@ class HostManager:
         """Destroy every server and remove what this manager created."""
         for server_id in list(self._hosts):
             await self.destroy(server_id)
+        await self.removed()
         dirs = [self.root_dir / ".private", self.shims_dir]
         if self._own_cache:
             dirs.append(self.cache_dir)

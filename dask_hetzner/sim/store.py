@@ -22,7 +22,7 @@ import secrets
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -530,14 +530,21 @@ class Store:
         self.actions[action.id] = action
         return action
 
-    async def run_action(self, action: Action) -> bool:
-        """Let ``action`` take its time, then finish it; True on success."""
+    async def run_action(self, action: Action, alongside: Awaitable[Any] | None = None) -> bool:
+        """Let ``action`` take its time, then finish it; True on success.
+
+        ``alongside`` runs meanwhile; the action finishes once both are done.
+        """
         action.begin()
         if action.duration is None:
+            if alongside is not None:
+                await alongside
             task = asyncio.current_task()
             if task is not None:
                 task._sim_stuck = True  # type: ignore[attr-defined]  # settle() must not wait for it
             await asyncio.Event().wait()  # until cancelled
+        elif alongside is not None:
+            await asyncio.gather(asyncio.sleep(action.duration), alongside)
         else:
             await asyncio.sleep(action.duration)
         action.finish(action.fail)
@@ -1427,8 +1434,9 @@ class Store:
                 old.cancel()
                 with contextlib.suppress(BaseException):
                     await old
-            await self._host_call("destroy", server)
-            await self.run_action(action)
+            # The power is cut at once and the action takes its own time, side by side: a
+            # host slow to stop (a loaded machine) does not add to Hetzner's delete time.
+            await self.run_action(action, alongside=self._host_call("destroy", server))
             server.timings.mark("deleted")
             self._remove(server)
 

@@ -137,6 +137,7 @@ async def test_real_hosts_listen_for_ssh(tmp_path):
         writer.close()
         r = await raw.delete(f"/servers/{sid}")
         await wait_action(raw, r.body["action"]["id"])
+        await sim.hosts.removed()  # the disk goes in the background
         assert not sim.hosts.directory(sid).exists()
         await delete_all(raw, sim)
         assert sim.leaks() == {}

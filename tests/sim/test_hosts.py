@@ -617,6 +617,7 @@ async def test_power_off_keeps_the_disk_and_destroy_removes_it(cloud: Cloud) -> 
     result = await cloud.run(1, "cat disk.txt; test -e /tmp/t; echo $?")
     assert result.stdout == "kept\n1\n"
     await cloud.manager.destroy(1)
+    await cloud.manager.removed()  # the disk goes in the background
     assert not cloud.manager.directory(1).exists()
     await cloud.manager.destroy(1)  # idempotent
     await cloud.manager.power_off(12345)

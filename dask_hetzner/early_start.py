@@ -8,9 +8,9 @@ takes a worker seconds happens while the scheduler starts:
 * the worker process's imports: with ``multiprocessing-method: forkserver`` the fork server
   is started here and imports distributed and its packages while we wait, so the worker
   process is later forked ready instead of importing everything again;
-* then :func:`dask_setup` waits until the scheduler accepts a connection, trying every
-  50 ms (the nanny's own connect backs off up to seconds and gives up after 30 s), bounded
-  by ``DASK_HETZNER_SCHEDULER_WAIT`` seconds.
+* then :func:`dask_setup` waits until the scheduler completes a connection, trying every
+  50 ms while it refuses (the nanny's own connect backs off up to seconds and gives up
+  after 30 s), bounded by ``DASK_HETZNER_SCHEDULER_WAIT`` seconds.
 
 This file is copied to the server as it is: at the top it imports the standard library only.
 The client uses :func:`install`.
@@ -31,6 +31,7 @@ WAIT_ENV = "DASK_HETZNER_SCHEDULER_WAIT"
 # Set for the nanny: its worker processes are forked from a server that imported these.
 PROCESS_ENV = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD=forkserver"
 POLL = 0.05  # seconds between connection attempts while the scheduler is not there
+HANDSHAKE = 30.0  # seconds for one attempt once the scheduler listens (distributed's default)
 
 logger = logging.getLogger("distributed.dask_hetzner.early_start")
 
@@ -74,23 +75,41 @@ def _import_like_distributed() -> None:
 
 
 async def _wait_for_scheduler(nanny: Any, deadline: float) -> float:
-    from distributed.comm import connect
+    """Until the scheduler completes a connection: refusals retried every 50 ms, a slow
+    TLS handshake (a loaded machine) given its time.
+
+    Not ``distributed.comm.connect``: its backoff grows to seconds between attempts (so a
+    worker would notice a new scheduler late) and its timeout covers the handshake too.
+    """
+    from distributed.comm import parse_address
+    from distributed.comm.core import FatalCommClosedError
+    from distributed.comm.registry import get_backend
 
     address = nanny.scheduler.addr
+    scheme, loc = parse_address(address)
+    connector = get_backend(scheme).get_connector()
     started = time.monotonic()
     while True:
         try:
-            comm = await connect(address, timeout=0.5, **nanny.connection_args)
-        except OSError:
+            comm = await asyncio.wait_for(
+                connector.connect(loc, deserialize=True, **nanny.connection_args), HANDSHAKE
+            )
+            try:
+                # The handshake distributed's connect() does: the scheduler sees a client.
+                await asyncio.wait_for(comm.write(comm.handshake_info()), HANDSHAKE)
+                await asyncio.wait_for(comm.read(), HANDSHAKE)
+            finally:
+                await comm.close()
+            return time.monotonic() - started
+        except FatalCommClosedError:
+            raise  # e.g. TLS refused: waiting longer does not help
+        except (OSError, asyncio.TimeoutError):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"the scheduler at {address} did not answer within "
                     f"{deadline - started:.0f} s of the nanny's start"
                 ) from None
             await asyncio.sleep(POLL)
-            continue
-        await comm.close()
-        return time.monotonic() - started
 
 
 async def dask_setup(nanny: Any) -> None:

@@ -85,8 +85,10 @@ def test_workers_start_before_the_scheduler_answers(sim):
             waited = re.search(r"waited ([0-9.]+) s for the scheduler at (\S+)", logs[name])
             assert waited, logs[name]
             assert float(waited.group(1)) > 0 and waited.group(2) == cluster.scheduler.contact_address
-            # Its worker process was forked from the fork server started while it waited.
             assert "Registered to" in logs[name]
+        # Waiting workers look like ordinary clients to the scheduler: no broken handshakes.
+        scheduler_log = cluster.get_logs(cluster=False, workers=False)["scheduler"]
+        assert "handshake" not in scheduler_log, scheduler_log
         assert client.submit(lambda x: x + 1, 1).result(timeout=60) == 2
 
 

@@ -141,3 +141,40 @@ async def test_real_hosts_listen_for_ssh(tmp_path):
         assert not sim.hosts.directory(sid).exists()
         await delete_all(raw, sim)
         assert sim.leaks() == {}
+
+
+@pytest.mark.timeout(60)
+async def test_delete_does_not_wait_for_the_disk(tmp_path, monkeypatch):
+    """A deleted server leaves the API after its action, however long its directory takes."""
+    import threading
+
+    from dask_hetzner.sim import hosts as hosts_module
+
+    release = threading.Event()
+    real_rmtree = hosts_module._rmtree
+
+    def slow_rmtree(*paths):
+        release.wait(30)  # a loaded disk
+        real_rmtree(*paths)
+
+    monkeypatch.setattr(hosts_module, "_rmtree", slow_rmtree)
+    port = _free_port()
+    try:
+        async with Simulator(hosts=True, ssh_port=port, root_dir=tmp_path / "root") as sim, Raw(sim) as raw:
+            key = (await raw.post("/ssh_keys", {"name": "k", "public_key": ssh_public_key()})).body["ssh_key"]
+            r = await raw.post("/servers", server_body("disk", ssh_keys=[key["id"]]))
+            sid = r.body["server"]["id"]
+            await sim.settle(timeout=30)
+            assert sim.hosts.directory(sid).is_dir()
+            r = await raw.delete(f"/servers/{sid}")
+            await wait_action(raw, r.body["action"]["id"])
+            await sim.settle(timeout=30)
+            assert (await raw.get(f"/servers/{sid}")).status == 404
+            assert sim.hosts.directory(sid).is_dir()  # still being removed
+            release.set()
+            await sim.hosts.removed()
+            assert not sim.hosts.directory(sid).exists()
+            await delete_all(raw, sim)
+            assert sim.leaks() == {}
+    finally:
+        release.set()

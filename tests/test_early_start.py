@@ -1,0 +1,84 @@
+"""The nanny preload that lets a worker start before its scheduler: against a real scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from distributed import Scheduler
+
+from dask_hetzner import early_start
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlowProxy:
+    """Refuses until started; then accepts, but relays to ``target`` only after ``delay``:
+    a scheduler on a loaded machine, whose handshake takes longer than a quick attempt."""
+
+    def __init__(self, port: int, target: int, delay: float) -> None:
+        self.port, self.target, self.delay = port, target, delay
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await asyncio.sleep(self.delay)  # the slowness under test, not synchronisation
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _nanny(port: int) -> SimpleNamespace:
+    return SimpleNamespace(scheduler=SimpleNamespace(addr=f"tcp://127.0.0.1:{port}"), connection_args={})
+
+
+@pytest.mark.timeout(60)
+async def test_waits_for_a_late_scheduler_with_a_slow_handshake():
+    async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler:
+        target = int(scheduler.address.rsplit(":", 1)[1])
+        proxy = SlowProxy(_free_port(), target, delay=1.5)
+        waiting = asyncio.ensure_future(
+            early_start._wait_for_scheduler(_nanny(proxy.port), time.monotonic() + 30)
+        )
+        try:
+            # Refused meanwhile: the wait goes on until the proxy listens.
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)
+            assert not done
+            await proxy.start()
+            waited = await asyncio.wait_for(waiting, 20)
+        finally:
+            waiting.cancel()
+            await proxy.close()
+        # One connection, held through the slow handshake (a 0.5 s attempt would never finish).
+        assert proxy.accepted == 1
+        assert waited >= 1.5
+
+
+async def test_gives_up_at_its_deadline_naming_the_address():
+    port = _free_port()  # nothing listens there
+    with pytest.raises(TimeoutError, match=f"scheduler at tcp://127.0.0.1:{port} did not answer"):
+        await early_start._wait_for_scheduler(_nanny(port), time.monotonic() + 0.5)

@@ -146,14 +146,19 @@ class StallProbe:
 
     ``worst_cpu`` is the loop thread's own CPU time within one probe tick: the part of a stall
     that is this process's work on the loop, as opposed to waiting for a core (the simulated
-    servers share this machine's cores) or for the GIL.
+    servers share this machine's cores) or for the GIL. ``worst_gc`` is the longest garbage
+    collection pause meanwhile (any thread); ``worst_without_gc`` the longest stall once the
+    collections that ran within its tick are taken out: what the code on the loop did, as
+    opposed to the interpreter collecting the whole process's heap.
     """
 
     def __init__(self) -> None:
         self.worst = 0.0
         self.worst_cpu = 0.0
-        self.worst_gc = 0.0  # the longest garbage collection pause meanwhile (any thread)
+        self.worst_gc = 0.0
+        self.worst_without_gc = 0.0
         self._gc_started = 0.0
+        self._gc_in_tick = 0.0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -161,14 +166,19 @@ class StallProbe:
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
-            self.worst_gc = max(self.worst_gc, time.perf_counter() - self._gc_started)
+            pause = time.perf_counter() - self._gc_started
+            self._gc_in_tick += pause
+            self.worst_gc = max(self.worst_gc, pause)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             before, cpu = loop.time(), time.thread_time()
+            self._gc_in_tick = 0.0
             await asyncio.sleep(0.01)
-            self.worst = max(self.worst, loop.time() - before - 0.01)
+            late = loop.time() - before - 0.01
+            self.worst = max(self.worst, late)
+            self.worst_without_gc = max(self.worst_without_gc, late - self._gc_in_tick)
             self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
 
     def start(self) -> None:
@@ -257,6 +267,7 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
             await client.wait_for_workers(n, timeout=timeout)
             seen = time.time() - t0
             stall = await probe.stop()
+            gc_objects = len(gc.get_objects())  # what a full collection walks
             info = await workers_of(client)
             events = await client.get_events("all")
             registered: dict[str, float] = {}
@@ -361,6 +372,8 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         "stall_ms": stall * 1000,
         "stall_loop_cpu_ms": probe.worst_cpu * 1000,
         "gc_pause_ms": probe.worst_gc * 1000,
+        "stall_without_gc_ms": probe.worst_without_gc * 1000,
+        "gc_objects_after_start": gc_objects,
         "leaks": leaks,
     }
 
@@ -410,8 +423,8 @@ def table(results: dict[str, Any]) -> str:
         "workers after the scheduler | servers created | requests (per server) | of them, status polls "
         "| 429s | teardown (s) "
         "| of it, the simulator's own delete (s) | worst loop stall (ms) | of it, loop CPU (ms) "
-        "| longest GC pause (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| longest GC pause (ms) | worst stall without GC pauses (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["sizes"]:
         rows.append(
@@ -420,7 +433,8 @@ def table(results: dict[str, Any]) -> str:
             f"{r['servers_created']} | {r['requests']} ({r['requests_per_server']:.2f}) | "
             f"{r['requests_by_endpoint'].get('GET /servers', 0)} | "
             f"{r['rate_limited']} | {r['teardown_s']:.1f} | {r['teardown_simulator_delete_s']:.1f} | "
-            f"{r['stall_ms']:.0f} | {r['stall_loop_cpu_ms']:.0f} | {r['gc_pause_ms']:.0f} |"
+            f"{r['stall_ms']:.0f} | {r['stall_loop_cpu_ms']:.0f} | {r['gc_pause_ms']:.0f} | "
+            f"{r.get('stall_without_gc_ms', float('nan')):.0f} |"
         )
     b = results.get("bootstrap")
     if b:
@@ -481,6 +495,7 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         "met": big["stall_ms"] < GOALS["stall_ms"],
         "workers": big["workers"],
         "ms": round(big["stall_ms"], 1),
+        "ms_without_gc_pauses": round(big.get("stall_without_gc_ms", float("nan")), 1),
     }
     return out
 

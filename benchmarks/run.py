@@ -577,7 +577,10 @@ def main() -> None:
     parser.add_argument("--no-bootstrap", action="store_true", help="skip uv against pip")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--nice", type=int, default=-5, help="niceness of the client (0 to leave it)"
+        "--nice",
+        type=int,
+        default=-20,
+        help="niceness of the client (0 to leave it); the simulated servers run at 10",
     )
     parser.add_argument("--report", type=Path, help="only re-render table, goals and plot of a JSON")
     parser.add_argument("--serve-sim", action="store_true", help=argparse.SUPPRESS)

@@ -104,7 +104,8 @@ async def provision(
             await bootstrap(ctx, conn, role, server)
         except BootstrapError as e:
             # A mirror or DNS blip on one server; the script is idempotent: once more.
-            logger.warning("%s: bootstrap failed, trying once more: %s", server.name, str(e).splitlines()[0])
+            # The whole message: it quotes the end of the log, the only record of the cause.
+            logger.warning("%s: bootstrap failed, trying once more: %s", server.name, e)
             await bootstrap(ctx, conn, role, server)
         timings["bootstrap"] = time.monotonic() - t0
         prepared = Prepared(server, host_key.public_openssh, conn, timings, started_at)

@@ -343,7 +343,7 @@ exit 100
 
 
 @pytest.mark.timeout(90)
-def test_bootstrap_fails_on_one_worker(fsim, scenario, monkeypatch):
+def test_bootstrap_fails_on_one_worker(fsim, scenario, monkeypatch, caplog):
     with scenario("host: bootstrap fails on worker-1") as row:
         real = nodes.bootstrap
 
@@ -358,6 +358,9 @@ def test_bootstrap_fails_on_one_worker(fsim, scenario, monkeypatch):
         with pytest.raises(Exception, match=r"bootstrap of server h2-worker-1 .* exit status 100") as info:
             HetznerCluster(workers=2, name="h2")
         assert "Failed to fetch" in str(info.value)
+        # The first failure, retried, is logged with the end of its log: the cause.
+        (retried,) = [r for r in caplog.records if "trying once more" in r.getMessage()]
+        assert "Failed to fetch" in retried.getMessage()
         row["outcome"] = failed(info.value, t0) + "; rolled back"
 
 

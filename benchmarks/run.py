@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -193,9 +192,6 @@ class StallProbe:
         return self.worst
 
 
-WAITED = re.compile(r"waited ([0-9.]+) s for the scheduler")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
@@ -240,7 +236,7 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
     import dask
     from distributed import Client
 
-    from dask_hetzner import HetznerCluster
+    from dask_hetzner import HetznerCluster, early_start
 
     settings = {
         "hetzner.token": sim.token,
@@ -293,7 +289,7 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
             logs = await cluster.get_logs(cluster=False, scheduler=False)
             waited: dict[str, float] = {}
             for wname in cluster.workers:
-                m = WAITED.search(str(logs.get(wname, "")))
+                m = early_start.WAITED.search(str(logs.get(wname, "")))
                 waited[wname] = float(m.group(1)) if m else 0.0
             for wname, node in cluster.workers.items():
                 p = node.prepared

@@ -133,9 +133,7 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 def _start_timeout() -> float:
     from . import config
 
-    return sum(
-        config.seconds(f"timeouts.{k}") for k in ("server-create", "ssh", "bootstrap", "process-start")
-    )
+    return sum(config.seconds(f"timeouts.{k}") for k in config.START_TIMEOUTS)
 
 
 # Signals during create ---------------------------------------------------------------------------

@@ -101,6 +101,11 @@ def _sigterm_cleans_up() -> None:
             signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _user_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """A node spec's options as the user gave them (without the shared context)."""
+    return {k: v for k, v in spec.get("options", {}).items() if k != "context"}
+
+
 class HetznerCluster(SpecCluster):
     """A Dask cluster on Hetzner Cloud servers.
 
@@ -269,9 +274,7 @@ class HetznerCluster(SpecCluster):
                 endpoint=cloud.endpoint,
                 token=self._token,
                 # A start that takes longer than these bounds has failed anyway.
-                start_grace=sum(
-                    self._ctx.timeouts[k] for k in ("server-create", "ssh", "bootstrap", "process-start")
-                ),
+                start_grace=self._ctx.start_timeout,
             )
         self._touched = False
         self._initial_pending = True
@@ -364,8 +367,7 @@ class HetznerCluster(SpecCluster):
             # Workers' servers are created and bootstrapped while the scheduler starts.
             self._ctx.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
-                options = {k: v for k, v in spec.get("options", {}).items() if k != "context"}
-                self._ctx.prestart(worker_name, "worker", options)
+                self._ctx.prestart(worker_name, "worker", _user_options(spec))
             await super()._start()
         except BaseException:
             self.status = Status.failed
@@ -492,10 +494,8 @@ class HetznerCluster(SpecCluster):
             "scheduler_port": ctx.scheduler_port,
             "dashboard_port": ctx.dashboard_port,
             "packages": self._packages,
-            "worker_options": {k: v for k, v in self.new_spec["options"].items() if k != "context"},
-            "scheduler_options": {
-                k: v for k, v in self.scheduler_spec["options"].items() if k != "context"
-            },
+            "worker_options": _user_options(self.new_spec),
+            "scheduler_options": _user_options(self.scheduler_spec),
             "max_hourly_cost": self.max_hourly_cost,
             "idle_timeout": self.idle_timeout,
             "versions": ctx.versions,

@@ -19,6 +19,10 @@ with _defaults_file.open() as f:
 dask.config.update_defaults(defaults)
 
 
+# The hetzner.timeouts.* whose sum bounds a node's whole start (create to dask running).
+START_TIMEOUTS = ("server-create", "ssh", "bootstrap", "process-start")
+
+
 def get(key: str, default: Any = None) -> Any:
     """``dask.config.get("hetzner." + key)``."""
     return dask.config.get(f"hetzner.{key}", default=default)

@@ -27,6 +27,7 @@ from .cloud import (
     ServerWatcher,
     selector,
 )
+from .config import START_TIMEOUTS
 from .idle import IdleSettings
 from .security import ClusterCA, SSHKeyPair, TLSCert
 from .state import ClusterState
@@ -123,6 +124,11 @@ class ClusterContext:
             retry_until=self.timeouts["ssh"] if retry_for is None else retry_for,
         )
 
+    @property
+    def start_timeout(self) -> float:
+        """The bound on a node's whole start: the sum of its phases' timeouts."""
+        return sum(self.timeouts[k] for k in START_TIMEOUTS)
+
     # The scheduler's address, for workers ---------------------------------------------------
 
     def _known(self) -> asyncio.Event:
@@ -141,7 +147,7 @@ class ClusterContext:
             # Python 3.11's wait_for can swallow a cancellation that raced its inner future;
             # a provision cancelled so must not go on to wait for a scheduler that never comes.
             raise asyncio.CancelledError(f"{waiter}: cancelled")
-        timeout = sum(self.timeouts[k] for k in ("server-create", "ssh", "bootstrap", "process-start"))
+        timeout = self.start_timeout
         try:
             await asyncio.wait_for(self._known().wait(), timeout)
         except asyncio.TimeoutError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ POLL = 0.05  # seconds between connection attempts while the scheduler is not th
 HANDSHAKE = 30.0  # seconds for one attempt once the scheduler listens (distributed's default)
 
 logger = logging.getLogger("distributed.dask_hetzner.early_start")
+# The line dask_setup logs, for whoever reads a worker's log (benchmarks, tests).
+WAITED = re.compile(r"waited ([0-9.]+) s for the scheduler at (\S+)")
 
 
 async def install(conn: Any) -> str:

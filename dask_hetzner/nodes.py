@@ -51,9 +51,7 @@ class Prepared:
         self.timings[phase] = time.time() - self.started_at
 
 
-async def provision(
-    ctx: ClusterContext, name: str, role: str, options: dict[str, Any] | None = None
-) -> Prepared:
+async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str, Any]) -> Prepared:
     """Create one server and make it ready to run ``role``; on any failure delete it.
 
     A worker's process is started here too (with ``options``), as soon as its environment is
@@ -110,7 +108,7 @@ async def provision(
         timings["bootstrap"] = time.monotonic() - t0
         prepared = Prepared(server, host_key.public_openssh, conn, timings, started_at)
         if role == "worker":
-            await launch_worker(ctx, prepared, name, options or {})
+            await launch_worker(ctx, prepared, name, options)
         return prepared
     except BaseException:
         if conn is not None:
@@ -197,8 +195,7 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     ]
     for key, value in options.items():
         args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-    wait = int(sum(ctx.timeouts[k] for k in ("server-create", "ssh", "bootstrap", "process-start")))
-    env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={wait}"
+    env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={int(ctx.start_timeout)}"
     p.mark("process")
     await p.conn.start_detached(
         f"env {env} " + " ".join(args),
@@ -222,9 +219,6 @@ class HetznerNode(ProcessInterface):
     @property
     def server(self) -> ServerInfo | None:
         return self.prepared.server if self.prepared else None
-
-    async def _provision(self) -> Prepared:
-        return await self.context.take_or_provision(self.name, self.role, {})
 
     async def _stop_process(self) -> None:
         if self.prepared is not None:
@@ -273,7 +267,7 @@ class SchedulerServer(HetznerNode):
 
     async def start(self) -> None:
         ctx = self.context
-        self.prepared = p = await self._provision()
+        self.prepared = p = await ctx.take_or_provision(self.name, self.role, {})
         try:
             ip = p.server.private_ip
             assert ip, f"server {p.server.name} has no private network address"
@@ -368,8 +362,9 @@ class WorkerServer(HetznerNode):
     role = "worker"
 
     def __init__(self, scheduler: str, *, context: ClusterContext, name: str, **kwargs: Any) -> None:
+        # ``scheduler`` (SpecCluster's address for it, the tunnel's) is not where a worker
+        # goes: it gets the scheduler's private address from the context.
         super().__init__(context=context, name=name)
-        self.scheduler = scheduler
         self.options = kwargs
 
     async def start(self) -> None:

@@ -13,24 +13,17 @@ os.environ["DASK_HETZNER__STATE_DIR"] = tempfile.mkdtemp(prefix="dask-hetzner-te
 
 import dask  # noqa: E402
 import pytest  # noqa: E402
+from support import free_port  # noqa: E402
 
 # Tests never talk to the real API, whatever the developer's environment says.
 for var in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT"):
     os.environ.pop(var, None)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 # Other programs may hold 8786 on this machine: a port free now, fixed for the session, as
 # on Hetzner (where workers know the scheduler's address before it runs). Every simulated
 # scheduler listens on its own loopback address, so they can share it.
-SCHEDULER_PORT = _free_port()
+SCHEDULER_PORT = free_port("0.0.0.0")
 
 
 def sim_config(sim) -> dict:

@@ -11,18 +11,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 
 import asyncssh
 
 from dask_hetzner.security import HostKey
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SSHTestServer:

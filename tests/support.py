@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,13 @@ def wait_until(cond: Callable[[], bool], *, timeout: float, what: str, interval:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout} s")
         time.sleep(interval)  # polling interval of a bounded wait, not synchronisation
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago ("0.0.0.0": free on every address)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def sdk(sim: Any) -> hcloud.Client:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import dask
 import dask.array as da
 import pytest
 from distributed import Client
-from support import StallProbe, sdk, servers_of, wait_until
+from support import StallProbe, free_port, sdk, servers_of, wait_until
 
-from dask_hetzner import HetznerCluster
+from dask_hetzner import HetznerCluster, early_start
 from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
 
 pytestmark = pytest.mark.slow
-
-
-
-
-
-
 
 
 def test_sync_cluster_computes_scales_and_cleans_up(sim):
@@ -82,7 +75,7 @@ def test_workers_start_before_the_scheduler_answers(sim):
             assert p.started_at + p.timings["process"] < scheduler_process, name
         logs = cluster.get_logs(cluster=False, scheduler=False)
         for name in ("worker-0", "worker-1"):
-            waited = re.search(r"waited ([0-9.]+) s for the scheduler at (\S+)", logs[name])
+            waited = early_start.WAITED.search(logs[name])
             assert waited, logs[name]
             assert float(waited.group(1)) > 0 and waited.group(2) == cluster.scheduler.contact_address
             assert "Registered to" in logs[name]
@@ -302,16 +295,8 @@ async def test_event_loop_never_stalls_while_ten_workers_start(sim_process):
     assert probe.worst < 0.1, f"event loop stalled {probe.worst * 1000:.0f} ms"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 def test_connect_public_opens_only_the_scheduler_port(sim):
-    port = _free_port()
+    port = free_port("0.0.0.0")
     with dask.config.set({"hetzner.scheduler-port": port, "hetzner.allowed-cidrs": ["127.0.0.0/8"]}):
         with HetznerCluster(workers=1, name="pub1", connect="public") as cluster:
             (sched,) = [s for s in servers_of(sim, "pub1") if s.name == "pub1-scheduler"]

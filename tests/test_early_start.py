@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 from distributed import Scheduler
+from support import free_port
 
 from dask_hetzner import early_start
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlowProxy:
@@ -60,7 +54,7 @@ def _nanny(port: int) -> SimpleNamespace:
 async def test_waits_for_a_late_scheduler_with_a_slow_handshake():
     async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler:
         target = int(scheduler.address.rsplit(":", 1)[1])
-        proxy = SlowProxy(_free_port(), target, delay=1.5)
+        proxy = SlowProxy(free_port(), target, delay=1.5)
         waiting = asyncio.ensure_future(
             early_start._wait_for_scheduler(_nanny(proxy.port), time.monotonic() + 30)
         )
@@ -79,6 +73,6 @@ async def test_waits_for_a_late_scheduler_with_a_slow_handshake():
 
 
 async def test_gives_up_at_its_deadline_naming_the_address():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(TimeoutError, match=f"scheduler at tcp://127.0.0.1:{port} did not answer"):
         await early_start._wait_for_scheduler(_nanny(port), time.monotonic() + 0.5)

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from support import StallProbe, sdk
+from support import StallProbe, free_port, sdk
 
 pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (pip install 'dask-hetzner[jupyter]')")
 pytest.importorskip(
@@ -105,17 +104,11 @@ async def test_labextension_cluster_manager(sim):
     assert probe.worst < 1.0, f"the Jupyter event loop stalled {probe.worst * 1000:.0f} ms"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Lab:
     """A real ``jupyter lab`` in a subprocess and a tiny REST client for it."""
 
     def __init__(self, sim, tmp: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
         config = dask.config.get("hetzner")

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshserver import SSHTestServer, free_port
+from sshserver import SSHTestServer
+from support import free_port
 
 from dask_hetzner import remote as remote_mod
 from dask_hetzner.remote import (

@@ -536,17 +536,15 @@ class Store:
         ``alongside`` runs meanwhile; the action finishes once both are done.
         """
         action.begin()
+        work = [] if alongside is None else [alongside]
         if action.duration is None:
-            if alongside is not None:
-                await alongside
+            await asyncio.gather(*work)
             task = asyncio.current_task()
             if task is not None:
                 task._sim_stuck = True  # type: ignore[attr-defined]  # settle() must not wait for it
             await asyncio.Event().wait()  # until cancelled
-        elif alongside is not None:
-            await asyncio.gather(asyncio.sleep(action.duration), alongside)
         else:
-            await asyncio.sleep(action.duration)
+            await asyncio.gather(asyncio.sleep(action.duration), *work)
         action.finish(action.fail)
         return action.status == "success"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 
 import pytest
 from sim_helpers import FakeHosts, Raw, delete_all, server_body, ssh_public_key, wait_action
+from support import free_port
 
 from dask_hetzner.sim import Simulator
 from dask_hetzner.sim.store import AddressPool
@@ -114,16 +114,10 @@ def test_address_pools_are_exclusive_per_simulator():
         b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(60)
 async def test_real_hosts_listen_for_ssh(tmp_path):
     """End to end with sim/hosts.py: a running server accepts TCP on its SSH port."""
-    port = _free_port()
+    port = free_port()
     async with Simulator(hosts=True, ssh_port=port, root_dir=tmp_path / "root") as sim, Raw(sim) as raw:
         key = (await raw.post("/ssh_keys", {"name": "k", "public_key": ssh_public_key()})).body["ssh_key"]
         r = await raw.post("/servers", server_body("real", ssh_keys=[key["id"]]))
@@ -158,7 +152,7 @@ async def test_delete_does_not_wait_for_the_disk(tmp_path, monkeypatch):
         real_rmtree(*paths)
 
     monkeypatch.setattr(hosts_module, "_rmtree", slow_rmtree)
-    port = _free_port()
+    port = free_port()
     try:
         async with Simulator(hosts=True, ssh_port=port, root_dir=tmp_path / "root") as sim, Raw(sim) as raw:
             key = (await raw.post("/ssh_keys", {"name": "k", "public_key": ssh_public_key()})).body["ssh_key"]

@@ -83,6 +83,9 @@ def serve_sim(args: argparse.Namespace) -> None:
                     out = "ok"
                 elif cmd == "servers":
                     out = len(sim.resources()["servers"])
+                elif cmd == "cpu":
+                    cpu = sim.hosts.cpu
+                    out = f"cgroup {cpu.version}" if cpu.grouped else "niced sessions"
                 elif cmd == "leaks":
                     out = {k: len(v) for k, v in sim.leaks().items()}
                 else:
@@ -314,11 +317,13 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
             )
 
             # Scale up by half and down again, then close: the API requests of a whole life.
+            phases = {"start": await sim.ask("stats")}
             up = n + max(1, n // 2)
             cluster.scale(up)
             t_up = time.time()
             await client.wait_for_workers(up, timeout=timeout)
             scale_up = time.time() - t_up
+            phases["scale_up"] = await sim.ask("stats")
             cluster.scale(n)
             t_down = time.time()
 
@@ -327,12 +332,14 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
 
             await wait_for(down, timeout=timeout, what=f"scale down to {n}")
             scale_down = time.time() - t_down
+            phases["scale_down"] = await sim.ask("stats")
         finally:
             await client.close()
             t_close = time.time()
             await cluster.close()
             teardown = time.time() - t_close
-        stats = await sim.ask("stats")
+        stats = phases["close"] = await sim.ask("stats")
+        server_cpu = await sim.ask("cpu")
         leaks = await sim.ask("leaks")
         # The simulator's own time to delete (host teardown, delete action), for the servers
         # close() deleted: what no client could have shortened.
@@ -364,6 +371,8 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         "requests": requests,
         "requests_per_server": requests / servers,
         "requests_by_endpoint": stats["requests"],
+        # Cumulative stats at each phase's end, turned into each phase's own requests.
+        "requests_by_phase": _by_phase(phases),
         "rate_limited": stats["rate_limited"],
         "stall_ms": stall * 1000,
         "stall_loop_cpu_ms": probe.worst_cpu * 1000,
@@ -371,7 +380,19 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         "stall_without_gc_ms": probe.worst_without_gc * 1000,
         "gc_objects_after_start": gc_objects,
         "leaks": leaks,
+        # How the simulated servers were kept below the client (see dask_hetzner/sim/cpu.py).
+        "server_cpu": server_cpu,
     }
+
+
+def _by_phase(cumulative: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Each phase's own requests (total, and the status polls among them)."""
+    out, before = {}, {"total": 0, "requests": {}}
+    for phase, stats in cumulative.items():
+        polls = stats["requests"].get("GET /servers", 0) - before["requests"].get("GET /servers", 0)
+        out[phase] = {"total": stats["total"] - before["total"], "status_polls": polls}
+        before = stats
+    return out
 
 
 # Bootstrap: uv against pip ----------------------------------------------------------------------

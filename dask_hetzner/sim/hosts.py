@@ -38,7 +38,8 @@ is the real interpreter), then the usual Ubuntu root PATH; ``XDG_CACHE_HOME``
 mirror); ``UV_PYTHON_DOWNLOADS=never``; ``UV_NATIVE_TLS=1``; ``LANG=C.UTF-8``;
 ``HOSTNAME``; and what sshd adds (``SSH_CONNECTION``, ``SSH_CLIENT``,
 ``TERM``/``SSH_TTY`` with a pty). Nothing else of the simulator's environment.
-Commands run niced (``HOST_NICENESS``), so the client keeps its CPU share.
+Commands run niced (``HOST_NICENESS``), each server in a CPU group of its own
+below the client where cgroups allow (``cpu.py``), so the client keeps its CPU.
 
 Costs (2-core VM, measured with 200 hosts): ~90 ms to boot one host (the
 sandbox's ~35 ``mount`` calls), 200 concurrently in 7-12 s; per host 3 small
@@ -79,6 +80,8 @@ from typing import Any
 
 import asyncssh
 import yaml
+
+from .cpu import CpuShares
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +434,7 @@ class HostManager:
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
         self._tools: dict[str, str] = {}
+        self.cpu = CpuShares(self._tool("sh"))
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _raise_fd_limit()
@@ -505,6 +509,7 @@ class HostManager:
             async with host.lock:
                 await self._stop(host)
                 self._hosts.pop(server_id, None)
+        self.cpu.release(server_id)
         private = self.root_dir / ".private" / str(server_id)
         task = asyncio.ensure_future(asyncio.to_thread(_rmtree, self.directory(server_id), private))
         self._removals.add(task)
@@ -553,6 +558,7 @@ class HostManager:
         for server_id in list(self._hosts):
             await self.destroy(server_id)
         await self.removed()
+        self.cpu.close()
         dirs = [self.root_dir / ".private", self.shims_dir]
         if self._own_cache:
             dirs.append(self.cache_dir)
@@ -639,7 +645,7 @@ class HostManager:
         out_r, out_w = os.pipe()
         try:
             proc = _popen(
-                argv,
+                self.cpu.wrap(host.spec.server_id, argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=out_w,
@@ -647,6 +653,7 @@ class HostManager:
                 cwd="/",
                 start_new_session=True,
             )
+            self.cpu.spawned(proc.pid, own_session=True, niceness=HOST_NICENESS)
         except BaseException:
             os.close(out_r)
             raise
@@ -828,12 +835,19 @@ class HostManager:
             cwd = "/"
         else:
             argv, cwd = inner, str(host.home)
-        # Real servers are other machines: niced, simulated ones leave the client's process
-        # (and its event loop) the CPU it would have.
+        # Real servers are other machines: in the server's CPU group and niced, simulated ones
+        # leave the client's process (and its event loop) the CPU it would have (cpu.py).
         argv = [self._tool("nice"), "-n", str(HOST_NICENESS), *argv]
         # A session of its own, as sshd gives each (with a pty, setsid -c
         # does it): no signal for the simulator's terminal reaches it.
-        popen = _popen(argv, env=env, cwd=cwd, start_new_session=not pty, **kwargs)
+        popen = _popen(
+            self.cpu.wrap(host.spec.server_id, argv),
+            env=env,
+            cwd=cwd,
+            start_new_session=not pty,
+            **kwargs,
+        )
+        self.cpu.spawned(popen.pid, own_session=not pty, niceness=HOST_NICENESS)
         child = _Child(popen, asyncio.get_running_loop())
         if sandbox is None:
             host.groups.add(popen.pid)

@@ -205,6 +205,8 @@ async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
     assert [init for init in cloud.inits if alive(init)] == []
     assert pids_mentioning(str(tmp_path)) == []
     assert list((tmp_path / "hosts").iterdir()) == []
+    cpu_root = cloud.manager.cpu.root
+    assert cpu_root is None or not cpu_root.exists()
 
 
 # -- SSH endpoint ------------------------------------------------------------
@@ -513,6 +515,67 @@ async def test_kill_processes_keeps_ssh(cloud: Cloud) -> None:
     await eventually(lambda: not any(alive(p) for p in old), what="old processes to go")
     cloud.track(1)
     assert (await cloud.run(1, "echo still here")).stdout == "still here\n"
+
+
+# -- CPU -------------------------------------------------------------------
+
+
+def cgroup_of(pid: int, version: str) -> str:
+    """The pid's cpu cgroup path (v1: the cpu hierarchy's line; v2: the unified one)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(",") if version == "v1" else hierarchy == "0":
+            return path
+    raise AssertionError(f"no cpu cgroup for {pid}")
+
+
+async def test_each_server_has_its_own_cpu_group_below_the_client(cloud: Cloud) -> None:
+    await cloud.boot(1)
+    await cloud.boot(2)
+    cloud.require_sandbox()
+    cpu = cloud.manager.cpu
+    if not cpu.grouped:
+        pytest.skip("no writable cpu cgroup here: servers run in niced sessions")
+    assert cpu.root is not None
+    weight = cpu.root / ("cpu.shares" if cpu.version == "v1" else "cpu.weight")
+    assert weight.read_text().strip() in ("110", "11")  # niceness 10's weight
+    groups = {}
+    for server_id in (1, 2):
+        # A daemon in a session of its own, as `dask worker` is started: still the server's.
+        await cloud.run(
+            server_id, "setsid nohup sleep 1000 > /dev/null 2>&1 < /dev/null & echo started"
+        )
+        daemons = await eventually(
+            lambda sid=server_id: [
+                p
+                for p in cloud.manager.processes(sid)
+                if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\x001000")
+            ],
+            what="the daemon",
+        )
+        groups[server_id] = {cgroup_of(p, cpu.version) for p in cloud.manager.processes(server_id)}
+        assert groups[server_id] == {cgroup_of(daemons[0], cpu.version)}
+    assert groups[1] != groups[2]
+    for server_id, paths in groups.items():
+        (path,) = paths
+        assert path.endswith(f"/{cpu.root.name}/{server_id}")
+    assert cgroup_of(os.getpid(), cpu.version) not in groups[1] | groups[2]
+    await cloud.manager.destroy(1)
+    assert not (cpu.root / "1").exists()
+
+
+async def test_without_cgroups_sessions_are_niced(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not exists("/proc/self/autogroup"):
+        pytest.skip("no autogroups here: niceness alone orders the CPU")
+    monkeypatch.setattr("dask_hetzner.sim.cpu._own_cgroup", lambda: None)
+    cloud.manager.cpu.close()
+    cloud.manager = HostManager(cloud.manager.root_dir)
+    assert not cloud.manager.cpu.grouped
+    await cloud.boot(1)
+    result = await cloud.run(1, "cat /proc/self/autogroup")
+    assert result.stdout.split()[-2:] == ["nice", "10"]
 
 
 # -- network ---------------------------------------------------------------

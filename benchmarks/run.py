@@ -159,6 +159,8 @@ class StallProbe:
         self.worst_cpu = 0.0
         self.worst_gc = 0.0
         self.worst_without_gc = 0.0
+        self.worst_gc_info: dict[str, Any] = {}  # generation and objects collected
+        self.full_collections = 0
         self._gc_started = 0.0
         self._gc_in_tick = 0.0
         self._stop = asyncio.Event()
@@ -170,7 +172,10 @@ class StallProbe:
         else:
             pause = time.perf_counter() - self._gc_started
             self._gc_in_tick += pause
-            self.worst_gc = max(self.worst_gc, pause)
+            self.full_collections += info.get("generation") == 2
+            if pause > self.worst_gc:
+                self.worst_gc = pause
+                self.worst_gc_info = {k: info.get(k) for k in ("generation", "collected")}
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -377,6 +382,8 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         "stall_ms": stall * 1000,
         "stall_loop_cpu_ms": probe.worst_cpu * 1000,
         "gc_pause_ms": probe.worst_gc * 1000,
+        "gc_worst": probe.worst_gc_info,
+        "gc_full_collections": probe.full_collections,
         "stall_without_gc_ms": probe.worst_without_gc * 1000,
         "gc_objects_after_start": gc_objects,
         "leaks": leaks,

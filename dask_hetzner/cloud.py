@@ -903,7 +903,9 @@ class ServerWatcher:
         interval = self.interval
         while self._waiters:
             started = time.monotonic()
-            waiting = [w for ws in self._waiters.values() for w in ws]
+            waiting = [w for ws in self._waiters.values() for w in ws if not w.future.done()]
+            if not waiting:
+                return
             names = {w.worker for w in waiting}
             label_selector = self.label_selector
             if None not in names:
@@ -941,10 +943,25 @@ class ServerWatcher:
                         off.append(w)
             if off:
                 await self._check_actions(off)
-            if not self._waiters:
+            # Answered waiters leave once their tasks resume; they need no further poll.
+            pending = {
+                sid: [w for w in ws if not w.future.done()] for sid, ws in self._waiters.items()
+            }
+            if not any(pending.values()):
                 return
-            if any(w.statuses for ws in self._waiters.values() for w in ws):
+            awaited = [sid for sid, ws in pending.items() if any(w.statuses for w in ws)]
+            if awaited:
+                # A create_server action takes 5 to 90 s ("initializing"), then the server is
+                # "starting" for seconds: while every awaited server still initializes, half
+                # as many polls. Seen starting within 2 intervals, it is then polled as often as
+                # before, so running is still seen at once, and the slowest of 50 creates (the
+                # tail: tens of seconds) costs half the requests.
                 interval = self.interval
+                if all(
+                    (s := self.last.get(sid)) is not None and s.status == "initializing"
+                    for sid in awaited
+                ):
+                    interval *= 2
             else:
                 # Only deletions awaited: they take seconds whatever we do, so poll less often.
                 interval = min(interval * 1.5, 5 * self.interval)

@@ -560,6 +560,9 @@ async def test_each_server_has_its_own_cpu_group_below_the_client(cloud: Cloud) 
         (path,) = paths
         assert path.endswith(f"/{cpu.root.name}/{server_id}")
     assert cgroup_of(os.getpid(), cpu.version) not in groups[1] | groups[2]
+    # Nor can a server's root move itself out: the sandbox has the cgroup files read-only.
+    escape = await cloud.run(2, f"echo $$ > {cpu.root.parent / 'cgroup.procs'}")
+    assert escape.exit_status != 0 and "Read-only" in escape.stderr
     await cloud.manager.destroy(1)
     assert not (cpu.root / "1").exists()
 

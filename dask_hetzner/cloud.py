@@ -944,12 +944,12 @@ class ServerWatcher:
             if off:
                 await self._check_actions(off)
             # Answered waiters leave once their tasks resume; they need no further poll.
-            pending = {
-                sid: [w for w in ws if not w.future.done()] for sid, ws in self._waiters.items()
-            }
-            if not any(pending.values()):
+            pending = [
+                (sid, w) for sid, ws in self._waiters.items() for w in ws if not w.future.done()
+            ]
+            if not pending:
                 return
-            awaited = [sid for sid, ws in pending.items() if any(w.statuses for w in ws)]
+            awaited = {sid for sid, w in pending if w.statuses}
             if awaited:
                 # A create_server action takes 5 to 90 s ("initializing"), then the server is
                 # "starting" for seconds: while every awaited server still initializes, half

@@ -2,7 +2,7 @@
 
 On Hetzner every server is a machine of its own, and so is the client's. Here
 they share this machine's cores, so the simulator gives the servers the weight
-of niceness 10 against the client, and each server an equal part of that,
+of niceness 10 (``HOST_NICENESS``) against the client, and each server an equal part of that,
 however many processes it runs.
 
 Niceness alone does not do it. With the kernel's autogroups (on by default in
@@ -32,10 +32,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The kernel's weight of niceness 10 against niceness 0's 1024 (v1 shares; v2 weights are
-# per 100).
-_SHARES_V1 = "110"
-_WEIGHT_V2 = "11"
 _PREFIX = "dask-hetzner-sim-"
 
 # Moves itself into the group, then becomes the command: children inherit the group.
@@ -70,7 +66,11 @@ def _own_cgroup() -> tuple[Path, str] | None:
 class CpuShares:
     """The CPU groups of one simulator's servers."""
 
-    def __init__(self, sh: str = "/bin/sh") -> None:
+    def __init__(self, niceness: int, sh: str = "/bin/sh") -> None:
+        self.niceness = niceness
+        # The kernel's weight for that niceness (each step is 1.25x), against niceness 0's 1024
+        # (v1 shares) or 100 (v2 weights): 110 and 11 for niceness 10.
+        self._shares = round(1024 / 1.25**niceness)
         self._sh = sh
         self.root: Path | None = None
         self.version = ""
@@ -101,9 +101,9 @@ class CpuShares:
             root.mkdir(exist_ok=True)
             if version == "v2":
                 (root / "cgroup.subtree_control").write_text("+cpu")
-                (root / "cpu.weight").write_text(_WEIGHT_V2)
+                (root / "cpu.weight").write_text(str(max(1, round(self._shares * 100 / 1024))))
             else:
-                (root / "cpu.shares").write_text(_SHARES_V1)
+                (root / "cpu.shares").write_text(str(self._shares))
         except OSError as exc:
             log.info("simulated servers: cannot make a cpu cgroup in %s: %s", parent, exc)
             with contextlib.suppress(OSError):
@@ -125,12 +125,12 @@ class CpuShares:
             self._made.add(server_id)
         return [self._sh, "-c", _ENTER, str(group / "cgroup.procs"), *argv]
 
-    def spawned(self, pid: int, *, own_session: bool, niceness: int) -> None:
+    def spawned(self, pid: int, *, own_session: bool) -> None:
         """Without cgroups: nice the session a command just started in (best effort)."""
         if self.root is not None or not own_session:
             return  # a pty command's session starts later, inside it
         try:
-            Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+            Path(f"/proc/{pid}/autogroup").write_text(str(self.niceness))
         except OSError:
             return  # no autogroups (so niceness already works), or the process is gone
         if not self._warned:

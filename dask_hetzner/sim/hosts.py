@@ -434,7 +434,7 @@ class HostManager:
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
         self._tools: dict[str, str] = {}
-        self.cpu = CpuShares(self._tool("sh"))
+        self.cpu = CpuShares(HOST_NICENESS, self._tool("sh"))
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _raise_fd_limit()
@@ -644,8 +644,9 @@ class HostManager:
         ]  # fmt: skip
         out_r, out_w = os.pipe()
         try:
-            proc = _popen(
-                self.cpu.wrap(host.spec.server_id, argv),
+            proc = self._popen_in(
+                host,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=out_w,
@@ -653,7 +654,6 @@ class HostManager:
                 cwd="/",
                 start_new_session=True,
             )
-            self.cpu.spawned(proc.pid, own_session=True, niceness=HOST_NICENESS)
         except BaseException:
             os.close(out_r)
             raise
@@ -813,6 +813,16 @@ class HostManager:
             env["TERM"] = process.term_type
         return env
 
+    def _popen_in(
+        self, host: _Host, argv: list[str], *, start_new_session: bool, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start a process of the server, in its CPU group (cpu.py)."""
+        popen = _popen(
+            self.cpu.wrap(host.spec.server_id, argv), start_new_session=start_new_session, **kwargs
+        )
+        self.cpu.spawned(popen.pid, own_session=start_new_session)
+        return popen
+
     def _spawn(
         self,
         host: _Host,
@@ -840,14 +850,7 @@ class HostManager:
         argv = [self._tool("nice"), "-n", str(HOST_NICENESS), *argv]
         # A session of its own, as sshd gives each (with a pty, setsid -c
         # does it): no signal for the simulator's terminal reaches it.
-        popen = _popen(
-            self.cpu.wrap(host.spec.server_id, argv),
-            env=env,
-            cwd=cwd,
-            start_new_session=not pty,
-            **kwargs,
-        )
-        self.cpu.spawned(popen.pid, own_session=not pty, niceness=HOST_NICENESS)
+        popen = self._popen_in(host, argv, env=env, cwd=cwd, start_new_session=not pty, **kwargs)
         child = _Child(popen, asyncio.get_running_loop())
         if sandbox is None:
             host.groups.add(popen.pid)

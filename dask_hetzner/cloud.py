@@ -837,6 +837,16 @@ class _Waiter:
     what: str
     action_id: int | None
     worker: str | None  # its dask-hetzner/worker label: lets a poll list only awaited servers
+    lazy: bool  # nobody waits for the answer yet: polled every LAZY_POLLS intervals
+    private_ip: bool  # the answer must carry the private IP (attach_to_network finished)
+
+    def answered_by(self, info: ServerInfo) -> bool:
+        return info.status in self.statuses and (not self.private_ip or info.private_ip is not None)
+
+
+# A lazy waiter's server is reached by other means (SSH) and the poll only confirms it, or
+# catches a failed create: one list every LAZY_POLLS intervals is enough.
+LAZY_POLLS = 5
 
 
 class ServerWatcher:
@@ -845,7 +855,8 @@ class ServerWatcher:
     Waiters register a server id and the statuses they want; the poll loop runs only while
     someone waits, so an idle cluster makes no requests. When only workers are awaited, the
     list is narrowed to them by their labels: one page, however large the cluster.
-    A server waited for as running
+    A *lazy* waiter (``lazy=True``) is polled every ``LAZY_POLLS`` intervals until
+    :meth:`hurry` says its answer is needed now. A server waited for as running
     that shows ``off`` gets its create action read once a poll: an action that ended in
     error (README fault 5) fails the wait at once instead of at its timeout.
     """
@@ -856,6 +867,8 @@ class ServerWatcher:
         self.interval = interval
         self._waiters: dict[int, list[_Waiter]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._polled_at = 0.0  # time.monotonic() of the last list's start
         self.last: dict[int, ServerInfo] = {}
 
     async def wait(
@@ -867,17 +880,32 @@ class ServerWatcher:
         what: str,
         action_id: int | None = None,
         worker: str | None = None,
+        lazy: bool = False,
+        private_ip: bool = False,
     ) -> ServerInfo:
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(statuses, time.monotonic(), loop.create_future(), what, action_id, worker)
+        waiter = _Waiter(
+            statuses,
+            time.monotonic(),
+            loop.create_future(),
+            what,
+            action_id,
+            worker,
+            lazy,
+            private_ip,
+        )
         self._waiters.setdefault(server_id, []).append(waiter)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
+        elif statuses and not lazy:
+            self._nudge()
         try:
             return await asyncio.wait_for(waiter.future, timeout)
         except asyncio.TimeoutError:
             last = self.last.get(server_id)
             state = last.status if last else "unknown"
+            if last is not None and last.status in statuses and private_ip and last.private_ip is None:
+                state += ", no private IP yet"
             raise TimeoutError(
                 f"{what}: server {server_id} not {'/'.join(sorted(statuses))} after {timeout:.0f} s "
                 f"(last status: {state})"
@@ -888,24 +916,45 @@ class ServerWatcher:
             if not waiters:
                 self._waiters.pop(server_id, None)
 
-    async def wait_gone(self, server_id: int, *, timeout: float, worker: str | None = None) -> None:
+    def hurry(self, server_id: int) -> None:
+        """The answer for ``server_id`` is needed now: poll within an interval, not LAZY_POLLS."""
+        for w in self._waiters.get(server_id, []):
+            w.lazy = False
+        self._nudge()
+
+    def _nudge(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def wait_gone(
+        self, server_id: int, *, timeout: float, worker: str | None = None, lazy: bool = False
+    ) -> None:
         """Wait until the server no longer appears in the cluster's list."""
         try:
             await self.wait(
-                server_id, set(), timeout=timeout, what=f"deleting server {server_id}", worker=worker
+                server_id,
+                set(),
+                timeout=timeout,
+                what=f"deleting server {server_id}",
+                worker=worker,
+                lazy=lazy,
             )
         except CloudError as e:
             if e.code == "not_found":
                 return
             raise
 
+    def _pending(self) -> list[_Waiter]:
+        return [w for ws in self._waiters.values() for w in ws if not w.future.done()]
+
     async def _run(self) -> None:
-        interval = self.interval
-        while self._waiters:
-            started = time.monotonic()
-            waiting = [w for ws in self._waiters.values() for w in ws if not w.future.done()]
+        self._wake = asyncio.Event()
+        deletion_interval = self.interval
+        while True:
+            waiting = self._pending()
             if not waiting:
                 return
+            started = self._polled_at = time.monotonic()
             names = {w.worker for w in waiting}
             label_selector = self.label_selector
             if None not in names:
@@ -937,36 +986,38 @@ class ServerWatcher:
                         w.future.set_exception(
                             CloudError(f"waiting for server {server_id}", "not_found", "server vanished")
                         )
-                    elif info is not None and info.status in w.statuses:
+                    elif info is not None and w.answered_by(info):
                         w.future.set_result(info)
                     elif info is not None and info.status == "off" and w.action_id is not None:
                         off.append(w)
             if off:
                 await self._check_actions(off)
             # Answered waiters leave once their tasks resume; they need no further poll.
-            pending = [
-                (sid, w) for sid, ws in self._waiters.items() for w in ws if not w.future.done()
-            ]
+            pending = self._pending()
             if not pending:
                 return
-            awaited = {sid for sid, w in pending if w.statuses}
-            if awaited:
-                # A create_server action takes 5 to 90 s ("initializing"), then the server is
-                # "starting" for seconds: while every awaited server still initializes, half
-                # as many polls. Seen starting within 2 intervals, it is then polled as often as
-                # before, so running is still seen at once, and the slowest of 50 creates (the
-                # tail: tens of seconds) costs half the requests.
-                interval = self.interval
-                if all(
-                    (s := self.last.get(sid)) is not None and s.status == "initializing"
-                    for sid in awaited
-                ):
-                    interval *= 2
-            else:
+            if any(w.statuses and not w.lazy for w in pending):
+                interval = deletion_interval = self.interval
+            elif any(not w.lazy for w in pending):
                 # Only deletions awaited: they take seconds whatever we do, so poll less often.
-                interval = min(interval * 1.5, 5 * self.interval)
-            # New waiters do not shorten the interval: the next poll serves them all.
-            await asyncio.sleep(interval)
+                deletion_interval = min(deletion_interval * 1.5, LAZY_POLLS * self.interval)
+                interval = deletion_interval
+            else:
+                interval = LAZY_POLLS * self.interval
+            await self._pause(interval)
+
+    async def _pause(self, interval: float) -> None:
+        """Sleep ``interval``; a waiter that needs its answer now shortens it to one interval
+        after the last poll (new waiters do not poll at once: the next poll serves them all)."""
+        assert self._wake is not None
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), interval)
+        except asyncio.TimeoutError:
+            return
+        rest = self.interval - (time.monotonic() - self._polled_at)
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def _check_actions(self, waiters: list[_Waiter]) -> None:
         results = await asyncio.gather(

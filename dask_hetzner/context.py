@@ -102,11 +102,14 @@ class ClusterContext:
         # Servers whose delete was sent: a new server of the same name (a lost worker's
         # successor) must wait for them, not adopt them after a 409.
         self._deleted: set[int] = set()
+        self._confirming: set[asyncio.Future[None]] = set()  # deletions confirmed in the background
         # Set when the whole cluster is being closed: nodes skip what teardown does for all.
         self.closing = False
         # Where workers reach the scheduler (tls://private-ip:port), once known.
         self.scheduler_private: str | None = None
         self._scheduler_known: asyncio.Event | None = None
+        # The scheduler's server while it is provisioned: its private IP is the address.
+        self.scheduler_reached: Reached | None = None
         self.dashboard_link: str | None = None
         # Set by the cluster: the local state directory that pins follow as servers come and go.
         self.state: ClusterState | None = None
@@ -148,6 +151,9 @@ class ClusterContext:
             # a provision cancelled so must not go on to wait for a scheduler that never comes.
             raise asyncio.CancelledError(f"{waiter}: cancelled")
         timeout = self.start_timeout
+        if not self._known().is_set() and self.scheduler_reached is not None:
+            # A worker is ready for it: the scheduler's private IP is needed now.
+            self.scheduler_reached.hurry()
         try:
             await asyncio.wait_for(self._known().wait(), timeout)
         except asyncio.TimeoutError:
@@ -330,16 +336,22 @@ class ClusterContext:
             )
         raise last
 
-    async def create_running_server(
+    async def create_reachable_server(
         self,
         *,
         name: str,
         server_type: str,
         user_data: str,
         labels: dict[str, str],
+        host_key: str,
         on_created: Callable[[ServerInfo], Awaitable[None]] | None = None,
-    ) -> ServerInfo:
-        """Create a server and wait until the API says it runs; on any failure delete it.
+    ) -> Reached:
+        """Create a server and log in over SSH once it is up; on any failure delete it.
+
+        SSH is tried from the moment the API answers the create: the server is up when its
+        sshd answers, whatever the last status poll said, so no poll is on the way to it.
+        The watcher only confirms the server lazily (it catches a failed create, and brings
+        the private IP, which the API shows once attach_to_network has finished).
 
         A create action that ends in error leaves a server that will never run (README
         fault 5): it is deleted and the server created once more before giving up.
@@ -358,17 +370,23 @@ class ClusterContext:
                     name=name, server_type=server_type, user_data=user_data, labels=labels
                 )
             what = f"creating server {name} ({server_type} in {server.location})"
-            try:
-                if on_created is not None:
-                    await on_created(server)
-                return await self.watcher.wait(
+            located = asyncio.ensure_future(
+                self.watcher.wait(
                     server.id,
                     {"running"},
                     timeout=self.timeouts["server-create"],
                     what=what,
                     action_id=server.action_id,
                     worker=server.labels.get(LABEL_WORKER),
+                    lazy=True,
+                    private_ip=True,
                 )
+            )
+            try:
+                if on_created is not None:
+                    await on_created(server)
+                conn = await self._reach(server, host_key, located)
+                return Reached(server, conn, located, self.watcher)
             except ActionFailed as e:
                 # Shielded: a Ctrl-C now must not leave the broken server behind.
                 await asyncio.shield(self.delete_server(server, wait=True))
@@ -378,9 +396,49 @@ class ClusterContext:
                     ) from None
                 logger.warning("%s: create action failed (%s); trying a new server", what, e.code)
             except BaseException:
+                await _cancelled(located)
                 await asyncio.shield(self.delete_server(server, wait=True))
                 raise
         raise AssertionError("unreachable")
+
+    async def _reach(
+        self, server: ServerInfo, host_key: str, located: asyncio.Future[ServerInfo]
+    ) -> remote.Remote:
+        """SSH to a server being created; bounded by server-create, then ssh once it runs."""
+        assert server.public_ip, f"server {server.name} has no public IPv4"
+        ssh_timeout = self.timeouts["ssh"]
+        login = asyncio.ensure_future(
+            remote.connect(
+                server.public_ip,
+                port=self.ssh_port,
+                client_key=self.ssh_key.private_openssh,
+                host_key=host_key,
+                timeout=30.0,
+                retry_until=self.timeouts["server-create"] + ssh_timeout,
+                probe_interval=self.watcher.interval,
+            )
+        )
+        try:
+            await asyncio.wait({login, located}, return_when=asyncio.FIRST_COMPLETED)
+            if not login.done():
+                located.result()  # the create failed (or timed out): raise that
+                # It runs: from now on, SSH has its own bound.
+                try:
+                    await asyncio.wait_for(asyncio.shield(login), ssh_timeout)
+                except asyncio.TimeoutError:
+                    raise remote.SSHTimeout(
+                        f"server {server.name} ({server.location}): SSH on "
+                        f"{server.public_ip}:{self.ssh_port} not reachable after {ssh_timeout:g} s "
+                        "of running"
+                    ) from None
+            try:
+                return login.result()
+            except remote.SSHTimeout as e:
+                # Name the server, not only its address.
+                raise remote.SSHTimeout(f"server {server.name} ({server.location}): {e}") from e
+        finally:
+            if not login.done():
+                await _cancelled(login)
 
     async def delete_server(self, server: ServerInfo, *, wait: bool = True) -> None:
         self._deleted.add(server.id)
@@ -392,6 +450,23 @@ class ClusterContext:
             await self.watcher.wait_gone(
                 server.id, timeout=self.timeouts["close"], worker=server.labels.get(LABEL_WORKER)
             )
+        elif not self.closing:
+            # Nobody waits for it (a retired worker): a lazy poll still sees it go.
+            task = asyncio.ensure_future(self._confirm_gone(server))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+
+    async def _confirm_gone(self, server: ServerInfo) -> None:
+        worker = server.labels.get(LABEL_WORKER)
+        timeout = self.timeouts["close"]
+        try:
+            await self.watcher.wait_gone(server.id, timeout=timeout, worker=worker, lazy=True)
+        except TimeoutError:
+            # A delete action that failed: the server would be billed until the cluster closes.
+            logger.warning("server %s still exists %.0f s after its delete: deleting it again", server.name, timeout)
+            await self.cloud.delete_server(server.id)
+        except Exception as e:
+            logger.warning("confirming the deletion of server %s: %s", server.name, e)
 
     # Provisioning ahead of SpecCluster ------------------------------------------------------
 
@@ -432,6 +507,8 @@ class ClusterContext:
     async def teardown(self) -> None:
         """Delete everything carrying this cluster's label and wait until the API confirms."""
         await self.cancel_all()
+        for task in list(self._confirming):
+            await _cancelled(task)  # the listing below covers them
         self.watcher.stop()
         await self.cloud.delete_cluster(self.name, timeout=self.timeouts["close"])
         self.servers.clear()
@@ -443,6 +520,41 @@ class ClusterContext:
             for s in self.servers.values()
             if s.server_type in types
         )
+
+
+@dataclass
+class Reached:
+    """A server being created whose SSH login worked (see ``create_reachable_server``)."""
+
+    server: ServerInfo  # as the create answered: no private IP yet
+    conn: remote.Remote
+    _located: asyncio.Future[ServerInfo]
+    _watcher: ServerWatcher
+
+    async def located(self, *, hurry: bool = True) -> ServerInfo:
+        """The API's view of it, running and with its private IP; with ``hurry``, a lazy
+        poll that has not brought it yet is asked for now."""
+        if hurry:
+            self.hurry()
+        return await asyncio.shield(self._located)
+
+    def hurry(self) -> None:
+        if not self._located.done():
+            self._watcher.hurry(self.server.id)
+
+    async def abandon(self) -> None:
+        await _cancelled(self._located)
+
+
+async def _cancelled(fut: asyncio.Future[Any]) -> None:
+    """Cancel ``fut`` and wait for it, whatever it ends with."""
+    fut.cancel()
+    try:
+        await fut
+    except BaseException as e:
+        if isinstance(e, asyncio.CancelledError) and not fut.cancelled():
+            raise  # not its cancellation: ours
+        # Its own failure or cancellation: nobody waits for it any more.
 
 
 def check_same_zone(locations: dict[str, Any], location: str, fallbacks: list[str]) -> None:

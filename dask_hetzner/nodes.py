@@ -1,15 +1,17 @@
 """The scheduler and workers as ``ProcessInterface`` objects: one Hetzner server each.
 
 A node's life: create its server (with a host key made here and handed over in
-cloud-init), wait until the API says running (one poller for the whole cluster), log in
-over SSH with that pinned key, copy its own TLS key and certificate, build the
-environment, and start the dask process detached from the SSH session. ``close`` stops
-the process explicitly and deletes the server, returning once the API confirms it.
+cloud-init), log in over SSH with that pinned key as soon as it answers (one lazy poller
+for the whole cluster confirms it and brings its private IP), build the environment, copy
+its own TLS key and certificate, and start the dask process detached from the SSH session.
+``close`` stops the process explicitly and deletes the server, returning once the API has
+accepted the delete (the context confirms it in the background).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shlex
@@ -25,7 +27,7 @@ from .cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, CloudError, ServerIn
 from .security import HostKey, cloud_config
 
 if TYPE_CHECKING:
-    from .context import ClusterContext
+    from .context import ClusterContext, Reached
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     if role == "worker":
         labels[LABEL_WORKER] = name
     server_type = ctx.scheduler_type if role == "scheduler" else ctx.worker_type
-    server: ServerInfo | None = None
-    conn: remote.Remote | None = None
+    reached: Reached | None = None
+    announce: asyncio.Future[None] | None = None
     try:
         ctx.report(name, "creating")
 
@@ -76,47 +78,56 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
             ctx.report(name, "booting")
 
         # Deletes its server itself on failure (and retries a create action that failed).
-        server = await ctx.create_running_server(
+        reached = await ctx.create_reachable_server(
             name=f"{ctx.name}-{name}" if role == "worker" else f"{ctx.name}-scheduler",
             server_type=server_type,
             user_data=cloud_config(host_key),
             labels=labels,
+            host_key=host_key.public_openssh,
             on_created=created,
         )
-        # Now with its addresses and status: what the cluster's repr shows.
-        ctx.servers[server.name] = server
-        timings["running"] = time.monotonic() - t0
-        if role == "scheduler" and ctx.scheduler_port and server.private_ip:
-            # A fixed port: workers know where to go before the scheduler runs.
-            ctx.set_scheduler_address(f"tls://{server.private_ip}:{ctx.scheduler_port}")
-        ctx.report(name, "connecting")
-        assert server.public_ip, f"server {server.name} has no public IPv4"
-        try:
-            conn = await ctx.ssh(server.public_ip, host_key.public_openssh)
-        except remote.SSHTimeout as e:
-            # Name the server, not only its address.
-            raise remote.SSHTimeout(f"server {server.name} ({server.location}): {e}") from e
+        ctx.servers[reached.server.name] = reached.server
         timings["ssh"] = time.monotonic() - t0
+        if role == "scheduler" and ctx.scheduler_port:
+            # A fixed port: workers know where to go before the scheduler runs, as soon as the
+            # API shows its private IP (while this server's environment is being built).
+            ctx.scheduler_reached = reached  # a worker ready for the address hurries it
+            announce = asyncio.ensure_future(_announce_scheduler(ctx, reached))
         ctx.report(name, "installing")
         try:
-            await bootstrap(ctx, conn, role, server)
+            await bootstrap(ctx, reached.conn, role, reached.server)
         except BootstrapError as e:
             # A mirror or DNS blip on one server; the script is idempotent: once more.
             # The whole message: it quotes the end of the log, the only record of the cause.
-            logger.warning("%s: bootstrap failed, trying once more: %s", server.name, e)
-            await bootstrap(ctx, conn, role, server)
+            logger.warning("%s: bootstrap failed, trying once more: %s", reached.server.name, e)
+            await bootstrap(ctx, reached.conn, role, reached.server)
         timings["bootstrap"] = time.monotonic() - t0
-        prepared = Prepared(server, host_key.public_openssh, conn, timings, started_at)
+        # Now with its private IP and status: what the cluster's repr shows.
+        server = await reached.located()
+        ctx.servers[server.name] = server
+        if announce is not None:
+            await announce
+        prepared = Prepared(server, host_key.public_openssh, reached.conn, timings, started_at)
         if role == "worker":
             await launch_worker(ctx, prepared, name, options)
         return prepared
     except BaseException:
-        if conn is not None:
-            await _quietly(conn.close())
-        if server is not None:
+        if announce is not None:
+            announce.cancel()
+            with contextlib.suppress(BaseException):  # its failure is ours, raised below
+                await announce
+        if reached is not None:
+            await _quietly(reached.conn.close())
+            await reached.abandon()
             # Shielded: a Ctrl-C while starting must still delete what was created.
-            await asyncio.shield(ctx.delete_server(server))
+            await asyncio.shield(ctx.delete_server(reached.server))
         raise
+
+
+async def _announce_scheduler(ctx: ClusterContext, reached: Reached) -> None:
+    server = await reached.located(hurry=False)
+    assert server.private_ip, f"server {server.name} has no private network address"
+    ctx.set_scheduler_address(f"tls://{server.private_ip}:{ctx.scheduler_port}")
 
 
 async def bootstrap(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:
@@ -237,13 +248,13 @@ class HetznerNode(ProcessInterface):
 
     async def _close_once(self) -> None:
         self.status = Status.closing
-        # The whole cluster is closing: its teardown waits for every deletion at once.
-        ending = self.context.closing
         try:
             await self._stop_process()
             if self.prepared is not None:
                 await _quietly(self.prepared.conn.close())
-                await self.context.delete_server(self.prepared.server, wait=not ending)
+                # Not waiting for it to go: the DELETE was accepted, and the context confirms
+                # it in the background (or the teardown deletes what is left).
+                await self.context.delete_server(self.prepared.server, wait=False)
             else:
                 # Closed before start finished: whatever was being provisioned goes too.
                 await self.context.cancel_provision(self.name)

@@ -202,6 +202,7 @@ async def connect(
     username: str = "root",
     keepalive_interval: float = 15.0,
     keepalive_count_max: int = 4,
+    probe_interval: float | None = None,
 ) -> Remote:
     """Connect to ``host:port`` as ``username``, trusting only ``host_key``.
 
@@ -210,6 +211,10 @@ async def connect(
     unreachable, timeouts and failed logins are retried with backoff for ``retry_until``
     seconds from now (a booting server refuses until sshd is up), then :class:`SSHTimeout`.
     A different host key raises :class:`HostKeyMismatch` at once.
+
+    With ``probe_interval``, the port is first tried with bare TCP connects that often: for
+    a server still being created, whose SSH comes up at an unknown moment (an SSH attempt
+    costs far more, and backs off).
     """
     options = _options(
         client_key=client_key,
@@ -225,6 +230,8 @@ async def connect(
     delay = 0.2
     attempts = 0
     last_error: BaseException | None = None
+    if probe_interval is not None:
+        await _wait_port(host, port, probe_interval, deadline)
     while True:
         remaining = deadline - loop.time()
         if remaining <= 0 and attempts:
@@ -260,6 +267,22 @@ async def connect(
         f"SSH on {where} not reachable after {retry_until:g} s "
         f"({attempts} attempts; last error: {_describe(last_error)})"
     ) from last_error
+
+
+async def _wait_port(host: str, port: int, interval: float, deadline: float) -> None:
+    """Until ``host:port`` accepts a TCP connection or ``deadline`` (loop time) passes."""
+    loop = asyncio.get_running_loop()
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            # A booting server refuses, or drops (then a fresh SYN beats the kernel's backoff).
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), min(max(3.0, interval), remaining)
+            )
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
+            continue
+        writer.transport.abort()
+        return
 
 
 def _describe(error: BaseException | None) -> str:

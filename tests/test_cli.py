@@ -270,7 +270,7 @@ def test_sigkill_during_create_then_ls_and_nuke(sim, tmp_path):
     env = cli_env(sim, state)
     proc = start(env, "create", "--name", "kill1", "--workers", "2")
     try:
-        read_until(proc.stdout, "connecting")
+        read_until(proc.stdout, "booting")  # a server exists: its create was answered
     finally:
         proc.kill()  # SIGKILL: no handler, no atexit, no rollback
         proc.communicate(timeout=60)

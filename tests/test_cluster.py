@@ -335,3 +335,19 @@ def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
     assert out.stdout.strip() == "up", out.stderr[-2000:]
     assert out.returncode == 0, out.stderr[-2000:]
     assert sim.leaks() == {}
+
+
+@pytest.mark.parametrize(
+    "sim", [{"profile": "realistic", "time_scale": 0.3, "seed": 11}], indirect=True
+)
+def test_servers_are_reached_by_ssh_not_by_status_polls(sim):
+    """A server is up when its SSH answers, whatever the last status poll said: while servers
+    are created the watcher polls lazily (a list every 5 intervals, to catch a failed create
+    and read private IPs), not every interval until the slowest create is done."""
+    with HetznerCluster(workers=2, name="lazy1") as cluster:
+        polls = sim.stats.requests["GET /servers"]
+        drawn = [sim.timings(s.id)["drawn"] for s in cluster.context.servers.values()]
+        waited = max(d["create"] + d["start"] for d in drawn)
+        # Polling every interval (100 ms) until the slowest server ran would be `waited / 0.1`.
+        print(f"{polls} status polls; slowest create + start {waited:.2f} s")
+        assert polls <= waited / 0.1 / 2.5

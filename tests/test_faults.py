@@ -31,6 +31,7 @@ from distributed import Client
 
 from dask_hetzner import HetznerCluster, nodes
 from dask_hetzner.cloud import LABEL_CLUSTER, Cloud
+from dask_hetzner.security import HostKey, cloud_config
 
 pytestmark = pytest.mark.slow
 
@@ -415,12 +416,16 @@ def test_successor_never_adopts_its_predecessor(fsim, scenario):
 
             async def replace() -> Any:
                 await ctx.delete_server(old, wait=False)
-                return await ctx.create_running_server(
+                key = HostKey.generate()
+                reached = await ctx.create_reachable_server(
                     name=old.name,
                     server_type=old.server_type,
-                    user_data="#cloud-config\n",
+                    user_data=cloud_config(key),
                     labels=dict(old.labels),
+                    host_key=key.public_openssh,
                 )
+                await reached.conn.close()
+                return await reached.located()
 
             new = cluster.sync(replace)
             assert new.id != old.id

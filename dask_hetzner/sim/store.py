@@ -317,6 +317,9 @@ class PrivateNic:
     ip: str
     mac: str
     alias_ips: list[str] = field(default_factory=list)
+    # Hetzner lists a server's private_net only once its attach_to_network action has
+    # finished: a create response has none (hcloud-go#168, "refetch the server").
+    attached: bool = False
 
 
 @dataclass(eq=False)
@@ -633,6 +636,7 @@ class Store:
             "private_net": [
                 {"network": nid, "ip": nic.ip, "alias_ips": list(nic.alias_ips), "mac_address": nic.mac}
                 for nid, nic in server.private.items()
+                if nic.attached
             ],
             "server_type": _server_type_json(server.server_type),
             "location": _location_json(server.location),
@@ -826,6 +830,14 @@ class Store:
         mac = "86:00:00:" + ":".join(f"{b:02x}" for b in self._mac.to_bytes(3, "big"))
         server.private[net.id] = PrivateNic(ip=addr, mac=mac, alias_ips=[str(a) for a in alias_ips])
         net.servers.add(server.id)
+
+    async def _run_attach(self, server: Server, action: Action) -> None:
+        """Run a create's next action; an attach_to_network shows its NIC once it succeeds."""
+        if await self.run_action(action) and action.command == "attach_to_network":
+            for res in action.resources:
+                nic = server.private.get(res["id"]) if res["type"] == "network" else None
+                if nic is not None:
+                    nic.attached = True
 
     def _detach(self, server: Server, net: Network) -> None:
         nic = server.private.pop(net.id, None)
@@ -1262,7 +1274,7 @@ class Store:
             action.duration = 0.0 if ok else action.duration
             if not ok:
                 action.fail = {"code": "action_failed", "message": "server creation failed"}
-            self.spawn(self.run_action(action))
+            self.spawn(self._run_attach(server, action))
         if not ok:
             server.busy = None
             server.status = "off"
@@ -1506,7 +1518,9 @@ class Store:
             raise not_found("network")
         self._check_unlocked(server)
         self._attach(server, net, body.get("ip"), body.get("alias_ips") or ())
-        return self.finish_now(self.new_action("attach_to_network", [(server.id, "server"), (net.id, "network")]))
+        action = self.new_action("attach_to_network", [(server.id, "server"), (net.id, "network")])
+        self.spawn(self._run_attach(server, action))
+        return action
 
     def detach_network(self, server_id: int, body: dict[str, Any]) -> Action:
         server = self.server(server_id)

@@ -60,6 +60,8 @@ def test_cluster_life_threaded(tsim):
             labels={**LABELS, "dask-hetzner/role": role},
         )
         assert r.server.status == "initializing"
+        # As on Hetzner: the private IP shows once attach_to_network has finished.
+        assert r.server.private_net == []
         assert r.action.command == "create_server"
         assert [a.command for a in r.next_actions] == [
             "start_server",

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import remote
+from . import gcfreeze, remote
 from .cloud import (
     LABEL_CLUSTER,
     LABEL_ROLE,
@@ -475,7 +475,11 @@ class ClusterContext:
         from .nodes import provision
 
         if name not in self._provisioning:
-            self._provisioning[name] = asyncio.ensure_future(provision(self, name, role, options))
+            task = asyncio.ensure_future(provision(self, name, role, options))
+            # Full collections meanwhile walk only new objects (see gcfreeze).
+            gcfreeze.HEAP.hold()
+            task.add_done_callback(lambda _: gcfreeze.HEAP.release())
+            self._provisioning[name] = task
 
     async def take_or_provision(self, name: str, role: str, options: dict[str, Any]) -> Any:
         self.prestart(name, role, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import dask
 import dask.array as da
@@ -351,3 +352,16 @@ def test_servers_are_reached_by_ssh_not_by_status_polls(sim):
         # Polling every interval (100 ms) until the slowest server ran would be `waited / 0.1`.
         print(f"{polls} status polls; slowest create + start {waited:.2f} s")
         assert polls <= waited / 0.1 / 2.5
+
+
+def test_heap_is_frozen_only_while_servers_are_provisioned(sim, monkeypatch):
+    from dask_hetzner import gcfreeze
+
+    calls: list[str] = []
+    heap = gcfreeze.HEAP
+    monkeypatch.setattr(heap, "hold", lambda real=heap.hold: (calls.append("hold"), real())[1])
+    monkeypatch.setattr(heap, "release", lambda real=heap.release: (calls.append("release"), real())[1])
+    with HetznerCluster(workers=1, name="gcf1"):
+        # The scheduler's and the worker's provisioning, both over: nothing frozen any more.
+        assert calls.count("hold") == calls.count("release") == 2
+        assert gc.get_freeze_count() == 0

@@ -322,6 +322,34 @@ def test_slow_delete_actions(fsim, scenario):
         row["outcome"] = f"up; closed in {time.monotonic() - t0:.1f} s, waiting for the deletes"
 
 
+@pytest.mark.timeout(120)
+def test_failed_delete_of_a_retired_worker_is_sent_again(fsim, scenario):
+    with scenario("10 a retired worker's delete action fails (close 3 s)") as row:
+        with dask.config.set({"hetzner.timeouts.close": "3s"}):
+            with HetznerCluster(workers=2, name="f10d") as cluster:
+                check_up(cluster, 2)
+                rule = fsim.inject(
+                    "action_error",
+                    method="DELETE",
+                    path=r"^/servers/\d+$",
+                    command="delete_server",
+                    count=1,
+                )
+                deletes = fsim.stats.requests["DELETE /servers/{id}"]
+                cluster.scale(1)
+                # scale() returns once the DELETE is accepted; the background check finds
+                # the server still there after timeouts.close and deletes it again.
+                wait_until(
+                    lambda: len(server_names(fsim)) == 2,
+                    timeout=60,
+                    what="the retired worker's server gone",
+                )
+                assert rule.hits == 1
+                assert fsim.stats.requests["DELETE /servers/{id}"] - deletes == 2
+                check_up(cluster, 1)
+                row["outcome"] = "the server outlived its failed delete; deleted again"
+
+
 # Host faults -----------------------------------------------------------------------------
 
 

@@ -1446,7 +1446,12 @@ class Store:
                     await old
             # The power is cut at once and the action takes its own time, side by side: a
             # host slow to stop (a loaded machine) does not add to Hetzner's delete time.
-            await self.run_action(action, alongside=self._host_call("destroy", server))
+            ok = await self.run_action(action, alongside=self._host_call("destroy", server))
+            if not ok:
+                # A delete action that failed leaves the server, powered off (still billed).
+                server.delete_action = None
+                server.status = "off"
+                return
             server.timings.mark("deleted")
             self._remove(server)
 

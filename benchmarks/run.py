@@ -321,23 +321,32 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
                 ]
             )
 
-            # Scale up by half and down again, then close: the API requests of a whole life.
+            # Scale by half up and down, then close: the API requests of a whole life. Up
+            # first, unless 1.5 n servers would not fit in this machine's memory: then down
+            # first (the same creates and deletes, n + 1 servers at most).
             phases = {"start": await sim.ask("stats")}
-            up = n + max(1, n // 2)
-            cluster.scale(up)
-            t_up = time.time()
-            await client.wait_for_workers(up, timeout=timeout)
-            scale_up = time.time() - t_up
-            phases["scale_up"] = await sim.ask("stats")
-            cluster.scale(n)
-            t_down = time.time()
+            half = max(1, n // 2)
+            if fits(n + half + 1):
+                steps = [("scale_up", n + half), ("scale_down", n)]
+            else:
+                steps = [("scale_down", n - half), ("scale_up", n)]
+            took: dict[str, float] = {}
+            for phase, target in steps:
+                cluster.scale(target)
+                t_step = time.time()
+                if phase == "scale_up":
+                    await client.wait_for_workers(target, timeout=timeout)
+                else:
 
-            async def down() -> bool:
-                return len(await workers_of(client)) == n and await sim.ask("servers") == n + 1
+                    async def down(target: int = target) -> bool:
+                        return (
+                            len(await workers_of(client)) == target
+                            and await sim.ask("servers") == target + 1
+                        )
 
-            await wait_for(down, timeout=timeout, what=f"scale down to {n}")
-            scale_down = time.time() - t_down
-            phases["scale_down"] = await sim.ask("stats")
+                    await wait_for(down, timeout=timeout, what=f"scale down to {target}")
+                took[phase] = time.time() - t_step
+                phases[phase] = await sim.ask("stats")
         finally:
             await client.close()
             t_close = time.time()
@@ -353,7 +362,7 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
             for v in (await sim.ask("timings")).values()
             if "deleted" in v["phases"] and v["phases"].get("delete_requested", 0) >= t_close
         ]
-    servers = 1 + up  # the scheduler, the first n workers and the ones added by scaling up
+    servers = 1 + n + half  # the scheduler, the first n workers, the ones added by scaling up
     requests = stats["total"]
     return {
         "workers": n,
@@ -368,8 +377,9 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         "slowest": slowest,
         "floor_parts": chains[slowest],
         "chains": chains,
-        "scale_up_s": scale_up,
-        "scale_down_s": scale_down,
+        "scale_order": [phase for phase, _ in steps],
+        "scale_up_s": took["scale_up"],
+        "scale_down_s": took["scale_down"],
         "teardown_s": teardown,
         "teardown_simulator_delete_s": max(sim_delete, default=0.0),
         "servers_created": servers,
@@ -390,6 +400,20 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
         # How the simulated servers were kept below the client (see dask_hetzner/sim/cpu.py).
         "server_cpu": server_cpu,
     }
+
+
+# A simulated worker's server: a nanny, its fork server and the worker process.
+SERVER_MB = 160
+
+
+def fits(servers: int) -> bool:
+    """Whether this many simulated servers fit in the memory available now (with 10% spare)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return True
+    return servers * SERVER_MB * 1024 < available * 0.9
 
 
 def _by_phase(cumulative: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -813,9 +813,10 @@ class Cloud:
             attempt += 1
 
     async def wait_servers_gone(self, label_selector: str, *, deadline: float) -> None:
-        # Deletion takes seconds whatever we do: poll less often as it goes on (a list of
-        # 100 servers costs 2 requests).
+        # A delete action takes 2 to 6 s: every interval for that long (close() returns as
+        # soon as they are gone), then less and less often (a list of 100 servers costs 2).
         interval = self.poll_interval
+        began = time.monotonic()
         while True:
             left = await self.servers(label_selector)
             if not left:
@@ -826,7 +827,8 @@ class Cloud:
                     f"was requested ({label_selector})"
                 )
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.5, 5 * self.poll_interval)
+            if time.monotonic() - began > 6 * self.poll_interval:
+                interval = min(interval * 1.5, 5 * self.poll_interval)
 
 
 @dataclass(eq=False)

@@ -27,7 +27,7 @@ from distributed.utils import Log, Logs
 from . import __version__, config, environment, idle, manage
 from .attach import AttachedScheduler, AttachedWorker, AttachError, Attachment
 from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
-from .context import ClusterContext, check_same_zone
+from .context import MAX_WORKERS, SERVERS_PER_NETWORK, ClusterContext, check_same_zone
 from .manage import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported)
 from .nodes import SchedulerServer, WorkerServer, _quietly, worker_defaults
 from .security import ClusterCA, SSHKeyPair, TLSCert
@@ -36,6 +36,15 @@ from .state import ClusterState, Secrets, root_dir
 logger = logging.getLogger(__name__)
 
 TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close")
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_WORKERS:
+        raise ConfigError(
+            f"{what} with {n} workers: a cluster's servers share one private network, and a "
+            f"Hetzner network holds at most {SERVERS_PER_NETWORK} servers, so at most "
+            f"{MAX_WORKERS} workers besides the scheduler (choose larger server types for more cores)"
+        )
 
 
 class CostLimitError(ConfigError):
@@ -342,6 +351,7 @@ class HetznerCluster(SpecCluster):
         await ctx.cloud.check_token()
         await ctx.cloud.check_choices([ctx.scheduler_type, ctx.worker_type], ctx.location, ctx.image)
         check_same_zone(await ctx.cloud.locations(), ctx.location, ctx.fallback_locations)
+        _check_size(len(self.worker_spec), "starting the cluster")
         self._check_cost(len(self.worker_spec), "starting the cluster")
         adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
         if adaptive is not None and cap is not None and adaptive.maximum > cap:
@@ -813,11 +823,23 @@ class HetznerCluster(SpecCluster):
             n = max(n, math.ceil(dask.utils.parse_bytes(memory) / self._memory_per_worker()))
         if cores is not None:
             n = max(n, math.ceil(cores / self._threads_per_worker()))
+        _check_size(n, "scaling")
         self._check_cost(n, "scaling")
         return super().scale(n)
 
     def adapt(self, *args: Any, minimum: float = 0, maximum: float = math.inf, **kwargs: Any) -> Any:
-        """Like ``SpecCluster.adapt``, with ``maximum`` capped so adaptivity stays under ``max_hourly_cost``."""
+        """Like ``SpecCluster.adapt``, with ``maximum`` capped so adaptivity stays under
+        ``max_hourly_cost`` and within one private network (``MAX_WORKERS``)."""
+        _check_size(math.ceil(minimum), "adapting (minimum)")
+        if maximum > MAX_WORKERS:
+            logger.info(
+                "cluster %s: adaptive maximum %s capped to %d workers (a Hetzner network holds %d servers)",
+                self.name,
+                maximum,
+                MAX_WORKERS,
+                SERVERS_PER_NETWORK,
+            )
+            maximum = MAX_WORKERS
         cap = self.max_workers
         if cap is not None:
             if minimum > cap:

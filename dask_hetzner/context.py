@@ -35,6 +35,10 @@ from .state import ClusterState
 logger = logging.getLogger(__name__)
 
 PLACEMENT_GROUP_SIZE = 10  # Hetzner's limit for a spread group
+# Hetzner's limit for one network; every server of a cluster is in its private network, and
+# workers exchange data with each other over it, so the scheduler and 99 workers at most.
+SERVERS_PER_NETWORK = 100
+MAX_WORKERS = SERVERS_PER_NETWORK - 1
 
 
 @dataclass

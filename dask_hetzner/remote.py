@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import os
 import posixpath
 import secrets
 import shlex
 import signal
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -273,16 +276,40 @@ async def _wait_port(host: str, port: int, interval: float, deadline: float) -> 
     """Until ``host:port`` accepts a TCP connection or ``deadline`` (loop time) passes."""
     loop = asyncio.get_running_loop()
     while (remaining := deadline - loop.time()) > 0:
-        try:
-            # A booting server refuses, or drops (then a fresh SYN beats the kernel's backoff).
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), min(max(3.0, interval), remaining)
-            )
-        except (OSError, asyncio.TimeoutError):
-            await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
-            continue
-        writer.transport.abort()
-        return
+        # A booting server refuses, or drops (then a fresh SYN beats the kernel's backoff).
+        if await _accepts(host, port, min(max(3.0, interval), remaining)):
+            return
+        await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
+
+
+async def _accepts(host: str, port: int, timeout: float) -> bool:
+    """One bare TCP connect. No exception and no stream objects on a refusal: a cluster's
+    servers are probed many times a second while they are created, and that garbage would
+    make the interpreter's collections stop the event loop more often."""
+    loop = asyncio.get_running_loop()
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return True  # a host name: connect_ex would resolve it blocking; SSH attempts will
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            writable: asyncio.Future[None] = loop.create_future()
+
+            def ready() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(sock, ready)
+            try:
+                await asyncio.wait_for(writable, timeout)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                loop.remove_writer(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return err == 0
 
 
 def _describe(error: BaseException | None) -> str:

@@ -365,3 +365,17 @@ def test_heap_is_frozen_only_while_servers_are_provisioned(sim, monkeypatch):
         # The scheduler's and the worker's provisioning, both over: nothing frozen any more.
         assert calls.count("hold") == calls.count("release") == 2
         assert gc.get_freeze_count() == 0
+
+
+def test_more_workers_than_one_network_holds_are_refused(sim):
+    # Hetzner: at most 100 servers a network, and a cluster's servers share one.
+    with pytest.raises(ConfigError, match=r"at most 100 servers, so at most 99 workers"):
+        HetznerCluster(workers=100, name="big1")
+    assert not any(k.startswith("POST") for k in sim.stats.requests)
+    with HetznerCluster(workers=0, name="big2") as cluster:
+        with pytest.raises(ConfigError, match="scaling with 100 workers"):
+            cluster.scale(100)
+        assert len(cluster.worker_spec) == 0, "a refused scale must not change the plan"
+        adaptive = cluster.adapt(minimum=0, maximum=500)
+        assert adaptive.maximum == 99
+        adaptive.stop()

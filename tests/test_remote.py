@@ -174,6 +174,43 @@ async def test_retry_until_server_appears(client_key, host_key, attempts):
         task.cancel()
 
 
+async def test_probes_take_the_refusals_and_ssh_is_tried_once(
+    client_key, host_key, attempts, monkeypatch
+):
+    port = free_port()
+    refused = asyncio.Event()
+    real = remote_mod._accepts
+
+    async def watched(*args, **kwargs):
+        accepted = await real(*args, **kwargs)
+        if not accepted:
+            refused.set()
+        return accepted
+
+    monkeypatch.setattr(remote_mod, "_accepts", watched)
+    task = asyncio.create_task(
+        connect(
+            "127.0.0.1",
+            port=port,
+            client_key=client_key.private_openssh,
+            host_key=host_key.public_openssh,
+            timeout=5,
+            retry_until=BOUND,
+            probe_interval=0.05,
+        )
+    )
+    try:
+        # A booting server: bare TCP probes are refused, and no SSH attempt is made.
+        await asyncio.wait_for(refused.wait(), BOUND)
+        assert attempts.count == 0
+        async with SSHTestServer(host_key, [client_key.public_openssh], port=port):
+            r = await asyncio.wait_for(task, BOUND)
+            await r.close()
+        assert attempts.count == 1
+    finally:
+        task.cancel()
+
+
 async def test_timeout_error_names_what_was_waited_for(client_key, host_key):
     port = free_port()
     with pytest.raises(SSHTimeout) as info:

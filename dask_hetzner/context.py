@@ -120,7 +120,14 @@ class ClusterContext:
         # Set by the cluster when idle_timeout is on: the scheduler's server gets the token.
         self.idle: IdleSettings | None = None
 
-    async def ssh(self, host: str, host_key: str, *, retry_for: float | None = None) -> remote.Remote:
+    async def ssh(
+        self,
+        host: str,
+        host_key: str,
+        *,
+        retry_for: float | None = None,
+        probe_interval: float | None = None,
+    ) -> remote.Remote:
         """Log in as root with the cluster's key, trusting only the pinned host key."""
         return await remote.connect(
             host,
@@ -129,6 +136,7 @@ class ClusterContext:
             host_key=host_key,
             timeout=30.0,
             retry_until=self.timeouts["ssh"] if retry_for is None else retry_for,
+            probe_interval=probe_interval,
         )
 
     @property
@@ -412,13 +420,10 @@ class ClusterContext:
         assert server.public_ip, f"server {server.name} has no public IPv4"
         ssh_timeout = self.timeouts["ssh"]
         login = asyncio.ensure_future(
-            remote.connect(
+            self.ssh(
                 server.public_ip,
-                port=self.ssh_port,
-                client_key=self.ssh_key.private_openssh,
-                host_key=host_key,
-                timeout=30.0,
-                retry_until=self.timeouts["server-create"] + ssh_timeout,
+                host_key,
+                retry_for=self.timeouts["server-create"] + ssh_timeout,
                 probe_interval=self.watcher.interval,
             )
         )

@@ -406,14 +406,19 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
 SERVER_MB = 160
 
 
-def fits(servers: int) -> bool:
-    """Whether this many simulated servers fit in the memory available now (with 10% spare)."""
+def meminfo_kb(key: str) -> int | None:
+    """A ``/proc/meminfo`` value (kB), None where there is none."""
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return True
-    return servers * SERVER_MB * 1024 < available * 0.9
+            return next((int(line.split()[1]) for line in f if line.startswith(f"{key}:")), None)
+    except OSError:
+        return None
+
+
+def fits(servers: int) -> bool:
+    """Whether this many simulated servers fit in the memory available now (with 10% spare)."""
+    available = meminfo_kb("MemAvailable")
+    return available is None or servers * SERVER_MB * 1024 < available * 0.9
 
 
 def _by_phase(cumulative: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -573,15 +578,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
+    total = meminfo_kb("MemTotal")
     return {
         "cpus": os.cpu_count(),
-        "memory_gb": mem,
+        "memory_gb": None if total is None else round(total / 1024 / 1024, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_before": os.getloadavg(),

@@ -427,6 +427,7 @@ class ClusterContext:
                 probe_interval=self.watcher.interval,
             )
         )
+        where = f"server {server.name} ({server.location})"  # not only its address
         try:
             await asyncio.wait({login, located}, return_when=asyncio.FIRST_COMPLETED)
             if not login.done():
@@ -436,15 +437,13 @@ class ClusterContext:
                     await asyncio.wait_for(asyncio.shield(login), ssh_timeout)
                 except asyncio.TimeoutError:
                     raise remote.SSHTimeout(
-                        f"server {server.name} ({server.location}): SSH on "
-                        f"{server.public_ip}:{self.ssh_port} not reachable after {ssh_timeout:g} s "
-                        "of running"
+                        f"{where}: SSH on {server.public_ip}:{self.ssh_port} not reachable after "
+                        f"{ssh_timeout:g} s of running"
                     ) from None
             try:
                 return login.result()
             except remote.SSHTimeout as e:
-                # Name the server, not only its address.
-                raise remote.SSHTimeout(f"server {server.name} ({server.location}): {e}") from e
+                raise remote.SSHTimeout(f"{where}: {e}") from e
         finally:
             if not login.done():
                 await _cancelled(login)

@@ -45,19 +45,17 @@ async def server(client_key: SSHKeyPair, host_key: HostKey):
         yield srv
 
 
+def _login(port: int, client_key: SSHKeyPair, host_key: HostKey, host: str = "127.0.0.1", **kw):
+    """``connect`` to ``host:port`` with the test keys."""
+    return connect(
+        host, port=port, client_key=client_key.private_openssh, host_key=host_key.public_openssh, **kw
+    )
+
+
 def _connect(server: SSHTestServer, client_key: SSHKeyPair, host_key: HostKey, **kw):
     kw.setdefault("timeout", 5)
     kw.setdefault("retry_until", 10)
-    return asyncio.wait_for(
-        connect(
-            server.host,
-            port=server.port,
-            client_key=client_key.private_openssh,
-            host_key=host_key.public_openssh,
-            **kw,
-        ),
-        BOUND,
-    )
+    return asyncio.wait_for(_login(server.port, client_key, host_key, server.host, **kw), BOUND)
 
 
 @pytest.fixture
@@ -149,16 +147,7 @@ async def test_wrong_client_key_times_out_with_reason(server, host_key):
 
 async def test_retry_until_server_appears(client_key, host_key, attempts):
     port = free_port()
-    task = asyncio.create_task(
-        connect(
-            "127.0.0.1",
-            port=port,
-            client_key=client_key.private_openssh,
-            host_key=host_key.public_openssh,
-            timeout=5,
-            retry_until=BOUND,
-        )
-    )
+    task = asyncio.create_task(_login(port, client_key, host_key, timeout=5, retry_until=BOUND))
     try:
         # The first attempt is refused: nothing listens yet.  Only then start the server.
         await asyncio.wait_for(attempts.failed.wait(), BOUND)
@@ -189,15 +178,7 @@ async def test_probes_take_the_refusals_and_ssh_is_tried_once(
 
     monkeypatch.setattr(remote_mod, "_accepts", watched)
     task = asyncio.create_task(
-        connect(
-            "127.0.0.1",
-            port=port,
-            client_key=client_key.private_openssh,
-            host_key=host_key.public_openssh,
-            timeout=5,
-            retry_until=BOUND,
-            probe_interval=0.05,
-        )
+        _login(port, client_key, host_key, timeout=5, retry_until=BOUND, probe_interval=0.05)
     )
     try:
         # A booting server: bare TCP probes are refused, and no SSH attempt is made.
@@ -214,17 +195,7 @@ async def test_probes_take_the_refusals_and_ssh_is_tried_once(
 async def test_timeout_error_names_what_was_waited_for(client_key, host_key):
     port = free_port()
     with pytest.raises(SSHTimeout) as info:
-        await asyncio.wait_for(
-            connect(
-                "127.0.0.1",
-                port=port,
-                client_key=client_key.private_openssh,
-                host_key=host_key.public_openssh,
-                timeout=1,
-                retry_until=1,
-            ),
-            BOUND,
-        )
+        await asyncio.wait_for(_login(port, client_key, host_key, timeout=1, retry_until=1), BOUND)
     message = str(info.value)
     assert f"SSH on 127.0.0.1:{port} not reachable after 1 s" in message
     assert "ConnectionRefusedError" in message
@@ -242,15 +213,7 @@ async def test_timeout_when_server_never_speaks(client_key, host_key):
     try:
         with pytest.raises(SSHTimeout, match="timed out"):
             await asyncio.wait_for(
-                connect(
-                    "127.0.0.1",
-                    port=port,
-                    client_key=client_key.private_openssh,
-                    host_key=host_key.public_openssh,
-                    timeout=0.5,
-                    retry_until=1.5,
-                ),
-                BOUND,
+                _login(port, client_key, host_key, timeout=0.5, retry_until=1.5), BOUND
             )
     finally:
         for w in held:

@@ -23,11 +23,9 @@ class ListingCloud:
     def __init__(self, script: list[str | tuple[str, str | None] | None]) -> None:
         self._script: Iterator[str | tuple[str, str | None] | None] = iter(script)
         self.lists = 0
-        self.listed = asyncio.Event()
 
     async def servers(self, label_selector: str) -> list[ServerInfo]:
         self.lists += 1
-        self.listed.set()
         step = next(self._script)
         if step is None:
             return []

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from distributed.deploy.spec import ProcessInterface
 
-from . import remote
-from .cloud import ClusterResources, ServerInfo
-from .nodes import REMOTE_DIR, Prepared, SchedulerServer, WorkerServer, _quietly, wait_for_file
+from . import launch, layout, remote
+from .aio import quietly
+from .cloud import ServerInfo
+from .nodes import SchedulerServer, WorkerServer
+from .provision.context import ClusterContext
+from .provision.node import Prepared
+from .provision.tasks import Provisioner
 from .state import ClusterState, Secrets
-
-if TYPE_CHECKING:
-    from .context import ClusterContext
 
 
 class AttachError(RuntimeError):
@@ -29,12 +30,10 @@ class AttachError(RuntimeError):
 
 @dataclass
 class Attachment:
-    """What ``from_name`` read from the local state; the API's view is added at start."""
+    """What ``from_name`` read from the local state: where it is, and the cluster's keys."""
 
     state: ClusterState
-    metadata: dict[str, Any]
     secrets: Secrets = field(repr=False)
-    found: ClusterResources | None = None
 
 
 class _NoConnection:
@@ -49,12 +48,13 @@ class AttachedScheduler(SchedulerServer):
         self,
         *,
         context: ClusterContext,
+        provisioner: Provisioner,
         server: ServerInfo,
         host_key: str,
         name: str = "scheduler",
         **kwargs: Any,
     ) -> None:
-        super().__init__(context=context, name=name, **kwargs)
+        super().__init__(context=context, provisioner=provisioner, name=name, **kwargs)
         self._server = server
         self._host_key = host_key
 
@@ -62,25 +62,23 @@ class AttachedScheduler(SchedulerServer):
         ctx = self.context
         server = self._server
         if server.status != "running" or not server.public_ip:
-            raise AttachError(
-                f"the scheduler's server {server.name} is {server.status}, not running"
-            )
-        conn = await ctx.ssh(server.public_ip, self._host_key, retry_for=ctx.timeouts["ssh"])
+            raise AttachError(f"the scheduler's server {server.name} is {server.status}, not running")
+        conn = await ctx.ssh(server.public_ip, self._host_key, retry_for=ctx.settings.timeouts["ssh"])
         try:
-            pidfile = shlex.quote(f"{REMOTE_DIR}/scheduler.pid")
+            pidfile = shlex.quote(layout.pidfile("scheduler"))
             alive = await conn.run(
                 f'kill -0 -- "-$(cat {pidfile} 2>/dev/null)" 2>/dev/null', check=False, timeout=30
             )
             if alive.exit_status != 0:
                 raise AttachError(
-                    f"no dask scheduler runs on {server.name} (see dask-hetzner logs {ctx.name})"
+                    f"no dask scheduler runs on {server.name} (see dask-hetzner logs {ctx.settings.name})"
                 )
-            info = await wait_for_file(
+            info = await launch.wait_for_file(
                 conn,
-                f"{REMOTE_DIR}/scheduler.json",
+                layout.SCHEDULER_FILE,
                 timeout=10,
                 what=f"scheduler file on {server.name}",
-                log=f"{REMOTE_DIR}/scheduler.log",
+                log=layout.log("scheduler"),
             )
             self.prepared = p = Prepared(server, self._host_key, conn)
             await self._connect(p, info)
@@ -88,8 +86,8 @@ class AttachedScheduler(SchedulerServer):
             # Not ours to delete: a failed reattach leaves the cluster as it was.
             self.prepared = None
             if self.tunnel is not None:
-                await _quietly(self.tunnel.close())
-            await _quietly(conn.close())
+                await quietly(self.tunnel.close())
+            await quietly(conn.close())
             raise
         await ProcessInterface.start(self)
 
@@ -100,12 +98,13 @@ class AttachedWorker(WorkerServer):
         scheduler: str,
         *,
         context: ClusterContext,
+        provisioner: Provisioner,
         name: str,
         server: ServerInfo,
         host_key: str,
         **kwargs: Any,
     ) -> None:
-        super().__init__(scheduler, context=context, name=name, **kwargs)
+        super().__init__(scheduler, context=context, provisioner=provisioner, name=name, **kwargs)
         self._server = server
         self._host_key = host_key
 

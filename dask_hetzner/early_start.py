@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# On the server, relative to root's home (the dask processes and SSH sessions start there).
-SOURCE_FILE = ".dask-hetzner/early_start.py"
 WAIT_ENV = "DASK_HETZNER_SCHEDULER_WAIT"
 # Set for the nanny: its worker processes are forked from a server that imported these.
 PROCESS_ENV = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD=forkserver"
@@ -44,9 +42,12 @@ async def install(conn: Any) -> str:
 
     Returns the ``--preload-nanny`` argument.
     """
+    from .layout import REMOTE_DIR  # the client's side: on a server this file stands alone
+
+    target = f"{REMOTE_DIR}/early_start.py"
     source = await asyncio.to_thread(Path(__file__).read_text)
-    await conn.put(SOURCE_FILE, source, mode=0o600)
-    return SOURCE_FILE
+    await conn.put(target, source, mode=0o600)
+    return target
 
 
 # The worker's side ------------------------------------------------------------------------------

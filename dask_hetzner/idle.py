@@ -38,6 +38,8 @@ from typing import Any
 LABEL_CLUSTER = "dask-hetzner/cluster"  # same as cloud.LABEL_CLUSTER (this file imports no package)
 
 # On the server, relative to root's home (the dask processes and SSH sessions start there).
+# layout.REMOTE_DIR, which this file cannot import (it runs alone on the server): the
+# scheduler's preload falls back to it; tests/test_idle.py checks that the two agree.
 REMOTE_DIR = ".dask-hetzner"
 SOURCE_FILE = f"{REMOTE_DIR}/idle.py"
 CONFIG_FILE = f"{REMOTE_DIR}/idle.json"

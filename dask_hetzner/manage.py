@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from . import config, remote
+from . import config, layout, remote
 from .cloud import LABEL_WORKER, Cloud, CloudError, ClusterResources, ConfigError, ServerInfo
 from .state import ClusterState, StateError, root_dir
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_name",
     "ClusterInfo",
     "UnknownCluster",
+    "unknown_cluster",
     "list_clusters",
     "alist_clusters",
     "nuke",
@@ -36,7 +37,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-REMOTE_DIR = ".dask-hetzner"  # nodes.REMOTE_DIR (not imported: nodes pulls in distributed)
 LOG_LINES = 10_000  # per file: enough to debug, bounded for a log that grew for days
 
 
@@ -57,6 +57,14 @@ class UnknownCluster(ConfigError):
     """No resource of the project carries this cluster's label (and no local state exists)."""
 
 
+def unknown_cluster(name: str, hint: str = "") -> UnknownCluster:
+    """The error for a cluster nothing carries the label of; ``hint`` says what to do."""
+    return UnknownCluster(
+        f"no cluster named {name!r} in this project (nothing carries its label"
+        + (f"; {hint})" if hint else ")")
+    )
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, also when this thread already runs a loop (Jupyter)."""
     try:
@@ -69,7 +77,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def make_cloud(token: str | None = None, api_endpoint: str | None = None) -> Cloud:
     return Cloud(
-        config.token(token) or "",
+        config.require_token(token),
         config.endpoint(api_endpoint),
         threads=int(config.get("api.threads")),
         request_timeout=config.seconds("timeouts.api-request"),
@@ -80,9 +88,10 @@ def make_cloud(token: str | None = None, api_endpoint: str | None = None) -> Clo
     )
 
 
-def _refused(e: CloudError) -> Exception:
+def token_refused(e: CloudError) -> Exception:
+    """A refused token (401) as the ``ConfigError`` users read; any other error as it is."""
     if e.code in ("unauthorized", 401):
-        return ConfigError("the Hetzner Cloud API token was refused (unauthorized)")
+        return ConfigError(config.TOKEN_REFUSED)
     return e
 
 
@@ -93,7 +102,7 @@ async def project_cloud(token: str | None = None, api_endpoint: str | None = Non
     try:
         yield cloud
     except CloudError as e:
-        raise _refused(e) from None
+        raise token_refused(e) from None
     finally:
         cloud.close()
 
@@ -228,7 +237,7 @@ async def anuke(
     # Only after the API confirmed: the state is what reaches the cluster until then.
     await asyncio.to_thread(state.remove)
     if not len(found) and not had_state:
-        raise UnknownCluster(f"no cluster named {name!r} in this project (nothing carries its label)")
+        raise unknown_cluster(name)
     return found
 
 
@@ -286,7 +295,7 @@ async def node_logs(
     async def one(server: ServerInfo) -> dict[str, str]:
         label = node_label(server)
         role = "scheduler" if server.role == "scheduler" else "worker"
-        files = {label: f"{REMOTE_DIR}/{role}.log", f"{label} bootstrap": f"{REMOTE_DIR}/bootstrap.log"}
+        files = {label: layout.log(role), f"{label} bootstrap": layout.BOOTSTRAP_LOG}
         key = host_keys.get(server.name)
         if not key or not server.public_ip:
             why = "no pinned host key" if not key else f"server is {server.status}"
@@ -347,7 +356,7 @@ async def access(name: str, *, token: str | None = None, api_endpoint: str | Non
     async with project_cloud(token, api_endpoint) as cloud:
         found = await cloud.cluster_resources(name)
     if not len(found):
-        raise UnknownCluster(f"no cluster named {name!r} in this project (nothing carries its label)")
+        raise unknown_cluster(name)
 
     def read() -> tuple[dict[str, Any], str, dict[str, str]]:
         metadata = state.metadata()

@@ -4,7 +4,6 @@
   host key per server, handed to cloud-init so the client can pin it (no trust on first use).
 * TLS: one ECDSA P-256 certificate authority per cluster, whose private key never leaves the
   client, and one key + certificate per node (scheduler, each worker, the client).
-* dask: :class:`distributed.Security` objects built from those PEMs.
 
 Only ``cryptography`` is used here; OpenSSH formats come from its serialization, so this module
 works without ``asyncssh``.
@@ -17,12 +16,9 @@ import datetime
 import functools
 import hashlib
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from cryptography import x509
@@ -30,49 +26,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-if TYPE_CHECKING:
-    from distributed import Security
-
 __all__ = [
     "SSHKeyPair",
     "HostKey",
     "cloud_config",
     "ClusterCA",
     "TLSCert",
-    "client_security",
-    "role_security",
 ]
-
-Role = Literal["client", "scheduler", "worker"]
-
-
-# --------------------------------------------------------------------------------------------
-# files
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file or looser mode.
-
-    mkstemp creates the temporary file 0600 before any byte is written; the rename is atomic
-    on POSIX, so a crash leaves either the old or the new file.
-    """
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 # --------------------------------------------------------------------------------------------
 # SSH keys
@@ -155,23 +115,6 @@ class _Ed25519Key:
 class SSHKeyPair(_Ed25519Key):
     """The client's SSH key: registered with Hetzner, used to log in as root."""
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the private key to ``path`` (0600) and the public line to ``path.pub``."""
-        path = Path(path)
-        _atomic_write(path, self.private_openssh.encode(), 0o600)
-        _atomic_write(Path(f"{path}.pub"), (self.public_openssh + "\n").encode(), 0o644)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SSHKeyPair:
-        """Read a key written by :meth:`save` (the comment comes from ``path.pub`` if present)."""
-        path = Path(path)
-        comment = None
-        pub = Path(f"{path}.pub")
-        if pub.exists():
-            parts = pub.read_text().split(maxsplit=2)
-            comment = parts[2].strip() if len(parts) == 3 else ""
-        return cls.from_private_openssh(path.read_bytes(), comment)
-
 
 class HostKey(_Ed25519Key):
     """A server's SSH host key, made on the client so the client can pin it."""
@@ -237,6 +180,30 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     ).decode()
 
 
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dask-hetzner"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+        ]
+    )
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates; a node signs its handshakes and agrees on keys (ECDHE)."""
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 @dataclass(frozen=True)
 class TLSCert:
     """One node's certificate and its own private key (PEM strings)."""
@@ -268,7 +235,11 @@ class ClusterCA:
     """
 
     def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        cert_key = cert.public_key()
+        if (
+            not isinstance(cert_key, ec.EllipticCurvePublicKey)
+            or cert_key.public_numbers() != key.public_key().public_numbers()
+        ):
             raise ValueError("the CA private key does not belong to the CA certificate")
         self._cert = cert
         self._key = key
@@ -276,12 +247,7 @@ class ClusterCA:
     @classmethod
     def generate(cls, cluster_name: str, *, days: int = 3650) -> ClusterCA:
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dask-hetzner"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"dask-hetzner CA {cluster_name}"[:64]),
-            ]
-        )
+        name = _name(f"dask-hetzner CA {cluster_name}")
         now = _utcnow()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
@@ -293,20 +259,7 @@ class ClusterCA:
             .not_valid_before(now - _CLOCK_SKEW)
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
@@ -377,34 +330,14 @@ class ClusterCA:
         ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         builder = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dask-hetzner"),
-                        x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
-                    ]
-                )
-            )
+            .subject_name(_name(common_name))
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
@@ -421,55 +354,3 @@ class ClusterCA:
             cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
             key_pem=_key_pem(key),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# dask
-
-
-def role_security(role: Role, ca_pem: str, cert: TLSCert, **kwargs: Any) -> Security:
-    """A ``distributed.Security`` for ``role`` that requires TLS with the cluster CA.
-
-    ``distributed.Security`` takes PEM *contents* as well as paths (it tells them apart by the
-    newline) and only materialises them in a private temporary directory while building an
-    SSL context, so nothing is written here.
-    """
-    from distributed import Security  # importing distributed is slow: only when needed
-
-    if role not in ("client", "scheduler", "worker"):
-        raise ValueError(f"unknown role {role!r}")
-    if "\n" not in ca_pem or "\n" not in cert.cert_pem or "\n" not in cert.key_pem:
-        # Without a newline distributed would treat the string as a file name.
-        raise ValueError("expected PEM contents, not paths")
-    return Security(
-        require_encryption=True,
-        tls_ca_file=ca_pem,
-        **{f"tls_{role}_cert": cert.cert_pem, f"tls_{role}_key": cert.key_pem},
-        **kwargs,
-    )
-
-
-def client_security(
-    ca_pem: str, cert: TLSCert, directory: str | os.PathLike[str] | None = None
-) -> Security:
-    """The client's ``distributed.Security``: mutual TLS with the cluster CA, encryption required.
-
-    With ``directory``, the PEMs are written there (0600) and passed as paths: distributed
-    otherwise writes and deletes a temporary directory for every TLS context it builds,
-    which is disk I/O on the event loop for every new connection.
-    """
-    if directory is None:
-        return role_security("client", ca_pem, cert)
-    from distributed import Security
-
-    folder = Path(directory)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = {name: folder / name for name in ("ca.pem", "client.pem", "client.key")}
-    for name, data in zip(paths, (ca_pem, cert.cert_pem, cert.key_pem), strict=True):
-        _atomic_write(paths[name], data.encode())
-    return Security(
-        require_encryption=True,
-        tls_ca_file=str(paths["ca.pem"]),
-        tls_client_cert=str(paths["client.pem"]),
-        tls_client_key=str(paths["client.key"]),
-    )

@@ -21,11 +21,10 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from .security import _atomic_write
 
 __all__ = ["ClusterState", "StateError", "Secrets", "root_dir", "local_names"]
 
@@ -69,6 +68,30 @@ def local_names(root: Path) -> list[str]:
     return sorted(
         p.name for p in root.iterdir() if _NAME_RE.match(p.name) and (p / "cluster.json").is_file()
     )
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file or looser mode.
+
+    mkstemp creates the temporary file 0600 before any byte is written; the rename is atomic
+    on POSIX, so a crash leaves either the old or the new file.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _mkdir_private(path: Path) -> None:
@@ -181,11 +204,6 @@ class ClusterState:
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
             raise StateError(f"local state of cluster {self.name!r} has an unknown format")
         return data
-
-    def update_metadata(self, **changes: Any) -> None:
-        data = self.metadata()
-        data.update(changes)
-        self.write_metadata(data)
 
     # secrets -------------------------------------------------------------------------------
 

@@ -142,14 +142,22 @@ def test_adapt_grows_and_shrinks(sim):
 
 
 def test_plain_tcp_and_foreign_tls_refused(sim):
-    from dask_hetzner.security import ClusterCA, client_security
+    from distributed import Security
+
+    from dask_hetzner.security import ClusterCA
 
     with HetznerCluster(workers=0, name="tls1") as cluster:
         port = cluster.scheduler_address.rsplit(":", 1)[1]
         with pytest.raises((OSError, TimeoutError)):
             Client(f"tcp://127.0.0.1:{port}", timeout=5)
         other = ClusterCA.generate("other")
-        foreign = client_security(other.cert_pem, other.issue("intruder"))
+        intruder = other.issue("intruder")
+        foreign = Security(
+            require_encryption=True,
+            tls_ca_file=other.cert_pem,
+            tls_client_cert=intruder.cert_pem,
+            tls_client_key=intruder.key_pem,
+        )
         with pytest.raises((OSError, TimeoutError)):
             Client(cluster.scheduler_address, security=foreign, timeout=5)
 
@@ -183,7 +191,8 @@ def test_rollback_when_a_server_cannot_be_created(sim):
 
 def test_host_key_mismatch_refused(sim, monkeypatch):
     """The server presents a key other than the one pinned: the client refuses and rolls back."""
-    from dask_hetzner import nodes, security
+    from dask_hetzner import security
+    from dask_hetzner.provision import node as nodes
 
     def wrong_key_config(host_key, extra=None):
         return security.cloud_config(security.HostKey.generate(), extra)

@@ -12,7 +12,8 @@ from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster
 from dask_hetzner.cloud import ConfigError, ServerTypeInfo
-from dask_hetzner.cluster import CostLimitError, _price
+from dask_hetzner.cost import CostLimitError
+from dask_hetzner.cost import price as _price
 
 
 def hourly(sim, server_type: str, location: str = "fsn1") -> float:
@@ -118,7 +119,7 @@ async def test_html_repr_works_before_start_and_escapes(sim):
         assert "0.0000 EUR/h" in page and "dask-hetzner-servers" in page
         assert "Idle timeout:</strong> off" in page
         # Whatever a server is called, it lands in the page as text, not markup.
-        cluster._ctx.worker_type = "<script>x</script>"
+        cluster.context.settings = cluster.settings.replace(worker_server_type="<script>x</script>")
         assert "<script>" not in cluster._repr_html_()
     finally:
         await cluster.close()

@@ -20,7 +20,7 @@ import distributed
 import pytest
 from localindex import LocalIndex, build_probe_wheel, build_uv_wheels
 
-from dask_hetzner import environment
+from dask_hetzner import environment, layout
 from dask_hetzner.environment import (
     DASHBOARD_DEFAULT,
     REQUIRED_PACKAGES,
@@ -155,7 +155,7 @@ def test_compare_step_names_mismatches(tmp_path: Path):
     report.write_text(json.dumps({"python": PY, "dask": "2024.1.0", "numpy": "2.0.0"}))
     pins = {"python": PY, "dask": "2026.8.0", "numpy": "2.0", "toolz": "1.2.0"}
     proc = subprocess.run(
-        [sys.executable, "-c", environment._COMPARE_PY, str(report), json.dumps(pins)],
+        [sys.executable, "-c", environment.script("compare_versions.py"), str(report), json.dumps(pins)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -167,7 +167,7 @@ def test_compare_step_names_mismatches(tmp_path: Path):
     ok = dict(pins, dask="2024.1.0", toolz=None)
     del ok["toolz"]
     proc = subprocess.run(
-        [sys.executable, "-c", environment._COMPARE_PY, str(report), json.dumps(ok)],
+        [sys.executable, "-c", environment.script("compare_versions.py"), str(report), json.dumps(ok)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -454,3 +454,23 @@ def test_bootstrap_real_dask_stack_from_pypi(tmp_path, uv_binary):
     result = run_script(script, env)
     assert result.returncode == 0, result.stderr[-3000:]
     check_versions(client, json.loads(result.stdout))
+
+
+# --------------------------------------------------------------------------------------------
+# the scripts that run on the servers, as files
+
+
+SCRIPTS = Path(environment.__file__).parent / "scripts"
+
+
+@pytest.mark.parametrize("path", sorted(SCRIPTS.glob("*.sh")), ids=lambda p: p.name)
+def test_shell_scripts_parse(path: Path):
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=60)
+
+
+def test_bootstrap_template_has_one_inputs_line():
+    template = environment.script("bootstrap.sh")
+    assert template.count("\n# @INPUTS@\n") == 1
+    script = bootstrap_script("worker", ["probe"], python=PY, uv_version="0.13.9")
+    assert "\n# @INPUTS@\n" not in script
+    assert f"REMOTE_DIR={layout.REMOTE_DIR}\n" in script

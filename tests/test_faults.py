@@ -29,8 +29,9 @@ import support
 import yaml
 from distributed import Client
 
-from dask_hetzner import HetznerCluster, nodes
+from dask_hetzner import HetznerCluster
 from dask_hetzner.cloud import LABEL_CLUSTER, Cloud
+from dask_hetzner.provision import node as nodes
 from dask_hetzner.security import HostKey, cloud_config
 
 pytestmark = pytest.mark.slow
@@ -111,7 +112,7 @@ def failed(e: BaseException, t0: float) -> str:
     return f"failed after {time.monotonic() - t0:.1f} s: {_first_line(e)}"
 
 
-# README faults 1 to 10 -------------------------------------------------------------------
+# The faults of docs/simulator.md -------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
@@ -443,9 +444,9 @@ def test_successor_never_adopts_its_predecessor(fsim, scenario):
             fsim.inject("slow_action", method="DELETE", command="delete_server", duration=3)
 
             async def replace() -> Any:
-                await ctx.delete_server(old, wait=False)
+                await ctx.factory.delete(old, wait=False)
                 key = HostKey.generate()
-                reached = await ctx.create_reachable_server(
+                reached = await ctx.factory.create_reachable(
                     name=old.name,
                     server_type=old.server_type,
                     user_data=cloud_config(key),

@@ -62,6 +62,14 @@ def test_watchdog_constants_match_the_cloud_layer():
     assert idle.TRANSIENT_CODES == cloud.TRANSIENT_CODES
 
 
+def test_watchdog_paths_match_the_layout():
+    """Likewise its copy of where things live on the server."""
+    from dask_hetzner import layout
+
+    assert idle.REMOTE_DIR == layout.REMOTE_DIR
+    assert idle.SCHEDULER_PID_FILE == layout.pidfile("scheduler")
+
+
 def test_settings_never_show_the_token():
     settings = idle.IdleSettings(timeout=60, endpoint="http://x/v1", token="s3cret-token")
     assert "s3cret" not in repr(settings)

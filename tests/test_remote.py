@@ -1,4 +1,4 @@
-"""remote.py against a real asyncssh server on 127.0.0.1 (tests/sshserver.py)."""
+"""dask_hetzner.remote against a real asyncssh server on 127.0.0.1 (tests/sshserver.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dask_hetzner.remote import (
     SSHTimeout,
     connect,
 )
+from dask_hetzner.remote import login as remote_login
 from dask_hetzner.security import HostKey, SSHKeyPair
 
 # Every wait in these tests is bounded by this (seconds).
@@ -84,7 +85,7 @@ def attempts(monkeypatch):
         count = 0
         failed = asyncio.Event()
 
-    original = remote_mod._open_connection
+    original = remote_login._open_connection
 
     async def counting(*args, **kwargs):
         Attempts.count += 1
@@ -94,7 +95,7 @@ def attempts(monkeypatch):
             Attempts.failed.set()
             raise
 
-    monkeypatch.setattr(remote_mod, "_open_connection", counting)
+    monkeypatch.setattr(remote_login, "_open_connection", counting)
     return Attempts
 
 
@@ -168,7 +169,7 @@ async def test_probes_take_the_refusals_and_ssh_is_tried_once(
 ):
     port = free_port()
     refused = asyncio.Event()
-    real = remote_mod._accepts
+    real = remote_login._accepts
 
     async def watched(*args, **kwargs):
         accepted = await real(*args, **kwargs)
@@ -176,7 +177,7 @@ async def test_probes_take_the_refusals_and_ssh_is_tried_once(
             refused.set()
         return accepted
 
-    monkeypatch.setattr(remote_mod, "_accepts", watched)
+    monkeypatch.setattr(remote_login, "_accepts", watched)
     task = asyncio.create_task(
         _login(port, client_key, host_key, timeout=5, retry_until=BOUND, probe_interval=0.05)
     )

@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import shutil
 import ssl
-import stat
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import dask
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dask_hetzner.security import (
@@ -23,9 +21,7 @@ from dask_hetzner.security import (
     HostKey,
     SSHKeyPair,
     TLSCert,
-    client_security,
     cloud_config,
-    role_security,
 )
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
@@ -40,7 +36,7 @@ def test_ssh_key_formats_are_openssh():
     assert key.private_openssh.startswith("-----BEGIN OPENSSH PRIVATE KEY-----\n")
     kind, blob, comment = key.public_openssh.split(" ")
     assert kind == "ssh-ed25519" and blob.startswith("AAAA") and comment == "me@laptop"
-    # asyncssh (what remote.py uses) reads both and agrees they are one pair.
+    # asyncssh (what dask_hetzner.remote uses) reads both and agrees they are one pair.
     private = asyncssh.import_private_key(key.private_openssh)
     public = asyncssh.import_public_key(key.public_openssh)
     assert private.export_public_key("openssh").decode().split()[:2] == [kind, blob]
@@ -57,7 +53,9 @@ def test_keys_differ_per_generate():
 @pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen not installed")
 def test_fingerprint_matches_ssh_keygen(tmp_path: Path):
     key = SSHKeyPair.generate()
-    key.save(tmp_path / "id")
+    (tmp_path / "id").write_text(key.private_openssh)
+    (tmp_path / "id").chmod(0o600)  # ssh-keygen refuses a private key others can read
+    (tmp_path / "id.pub").write_text(key.public_openssh + "\n")
     out = subprocess.run(
         [SSH_KEYGEN, "-l", "-E", "md5", "-f", str(tmp_path / "id.pub")],
         check=True,
@@ -75,26 +73,6 @@ def test_fingerprint_matches_ssh_keygen(tmp_path: Path):
         timeout=30,
     ).stdout
     assert derived.split()[:2] == key.public_openssh.split()[:2]
-
-
-def test_save_load_roundtrip_and_mode(tmp_path: Path):
-    key = SSHKeyPair.generate(comment="cluster-x")
-    path = tmp_path / "keys" / "id_ed25519"
-    key.save(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    loaded = SSHKeyPair.load(path)
-    assert loaded.public_openssh == key.public_openssh
-    # (OpenSSH serialization has a random check int, so compare the raw keys)
-    assert _raw(loaded.private_openssh) == _raw(key.private_openssh)
-    # overwrite keeps 0600 and leaves no temporary files behind
-    SSHKeyPair.generate().save(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in path.parent.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
-
-
-def _raw(private_openssh: str) -> bytes:
-    return serialization.load_ssh_private_key(private_openssh.encode(), None).private_bytes_raw()
 
 
 def test_load_rejects_non_ed25519(tmp_path: Path):
@@ -182,17 +160,6 @@ def test_ca_roundtrip():
     assert "PRIVATE" not in repr(ca)
 
 
-def test_security_takes_pem_contents():
-    ca = ClusterCA.generate("c")
-    cert = ca.issue("client", server=False)
-    sec = client_security(ca.cert_pem, cert)
-    assert sec.require_encryption is True
-    assert sec.tls_client_cert == cert.cert_pem and sec.tls_client_key == cert.key_pem
-    assert sec.get_connection_args("client")["ssl_context"] is not None
-    with pytest.raises(ValueError, match="PEM contents"):
-        client_security("/path/to/ca.pem", cert)
-
-
 # --------------------------------------------------------------------------------------------
 # real TLS with a dask scheduler
 
@@ -202,6 +169,21 @@ def short_timeouts():
     # Failing connections must fail fast; these bound every wait in the TLS test.
     with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
         yield
+
+
+def _security(role: str, ca_pem: str, cert: TLSCert):
+    """What the cluster gives dask: mutual TLS with the cluster CA, encryption required."""
+    from distributed import Security
+
+    return Security(
+        require_encryption=True,
+        tls_ca_file=ca_pem,
+        **{f"tls_{role}_cert": cert.cert_pem, f"tls_{role}_key": cert.key_pem},
+    )
+
+
+def client_security(ca_pem: str, cert: TLSCert):
+    return _security("client", ca_pem, cert)
 
 
 async def _connect(address: str, security, timeout: float = 10) -> dict:
@@ -227,7 +209,7 @@ async def test_mutual_tls_with_scheduler(short_timeouts):
         port=0,
         dashboard=False,
         dashboard_address="127.0.0.1:0",  # the HTTP server starts anyway: loopback, free port
-        security=role_security("scheduler", ca.cert_pem, sched_cert),
+        security=_security("scheduler", ca.cert_pem, sched_cert),
     ) as scheduler:
         address = scheduler.address
         assert address.startswith("tls://127.0.0.1:")

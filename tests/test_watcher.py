@@ -8,7 +8,7 @@ pauses run, to check that a waiter in a hurry cuts a long one short.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -20,7 +20,7 @@ PRIVATE = "127.128.0.2"
 class ListingCloud:
     """Lists one worker following a script: a status, or (status, private IP), or None (gone)."""
 
-    def __init__(self, script: list[str | tuple[str, str | None] | None]) -> None:
+    def __init__(self, script: Sequence[str | tuple[str, str | None] | None]) -> None:
         self._script: Iterator[str | tuple[str, str | None] | None] = iter(script)
         self.lists = 0
 

@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,26 +40,6 @@ __all__ = ["Simulator", "SpecViolation", "FaultRule", "parse_fault"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class _FallbackHostSpec:
-    """The HostSpec contract, for injected host managers when hosts.py is absent."""
-
-    server_id: int
-    name: str
-    public_ip: str
-    private_ips: list[str]
-    authorized_keys: list[str]
-    user_data: str | None
-
-
-def _host_spec_class() -> Callable[..., Any]:
-    try:
-        from .hosts import HostSpec
-    except ImportError:
-        return _FallbackHostSpec
-    return HostSpec
 
 
 def default_cache_dir() -> Path:
@@ -156,8 +135,10 @@ class Simulator:
             self.hosts = HostManager(self.root_dir, ssh_port=self.ssh_port, **self._host_options)
             host_spec = HostSpec
         elif self._hosts_option not in (False, None):
-            self.hosts = self._hosts_option
-            host_spec = _host_spec_class()
+            from .hosts import HostSpec
+
+            self.hosts = self._hosts_option  # any object with HostManager's interface (tests)
+            host_spec = HostSpec
         self.store = Store(
             timing=self.timing,
             faults=self.faults,
@@ -345,12 +326,7 @@ class Simulator:
                 if rule.kind != "server_vanishes" and "booted" not in server.timings.phases:
                     continue  # strikes when it boots
                 if rule.matches_server(server.id, server.name, server.labels):
-                    if rule.kind == "processes_die":
-                        store.spawn(store._kill_later(server, rule))
-                    elif rule.kind == "ssh_drop":
-                        store.spawn(store._drop_ssh_later(server, rule))
-                    else:
-                        store.spawn(store._vanish_later(server, rule))
+                    store.strike(server, rule)
         return rule
 
     def clear_faults(self) -> None:

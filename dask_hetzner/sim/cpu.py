@@ -38,7 +38,7 @@ _PREFIX = "dask-hetzner-sim-"
 _ENTER = 'echo $$ >"$0" 2>/dev/null; exec "$@"'
 
 
-def _own_cgroup() -> tuple[Path, str] | None:
+def own_cgroup() -> tuple[Path, str] | None:
     """This process's cpu cgroup directory and the hierarchy's version, if writable."""
     try:
         mounts = Path("/proc/self/mounts").read_text().splitlines()
@@ -87,7 +87,7 @@ class CpuShares:
         return self.root is not None
 
     def _make_root(self) -> None:
-        own = _own_cgroup()
+        own = own_cgroup()
         if own is None:
             return
         parent, version = own

@@ -105,85 +105,99 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
 
 def parse_selector(text: str) -> Selector:
     """Parse Hetzner's label selector language; raises SelectorError."""
-    toks = _tokens(text)
-    reqs: list[Requirement] = []
-    i = 0
+    return _Parser(text).selector()
 
-    def peek(offset: int = 0) -> tuple[str, str, int] | None:
-        return toks[i + offset] if i + offset < len(toks) else None
 
-    def expect_word(what: str) -> tuple[str, int]:
-        nonlocal i
-        tok = peek()
+class _Parser:
+    """Recursive descent over the tokens: requirements separated by commas."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokens(text)
+        self.i = 0
+
+    def _fail(self, what: str, pos: int) -> SelectorError:
+        return SelectorError(f"invalid label_selector: {what} at pos {pos}")
+
+    def _where(self, tok: tuple[str, str, int] | None) -> int:
+        return tok[2] if tok else len(self.text)
+
+    def peek(self) -> tuple[str, str, int] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def expect_word(self, what: str) -> tuple[str, int]:
+        tok = self.peek()
         if tok is None or tok[0] != "word":
-            where = tok[2] if tok else len(text)
-            raise SelectorError(f"invalid label_selector: expected {what} at pos {where}")
-        i += 1
+            raise self._fail(f"expected {what}", self._where(tok))
+        self.i += 1
         return tok[1], tok[2]
 
-    def check_key(key: str, pos: int) -> None:
+    def key(self) -> str:
+        key, pos = self.expect_word("identifier")
         if label_key_error(key, allow_reserved=True):
-            raise SelectorError(f"invalid label_selector: invalid identifier at pos {pos}")
+            raise self._fail("invalid identifier", pos)
+        return key
 
-    def check_value(value: str, pos: int) -> None:
+    def check_value(self, value: str, pos: int) -> None:
         if label_value_error(value):
-            raise SelectorError(f"invalid label_selector: invalid value at pos {pos}")
+            raise self._fail("invalid value", pos)
 
-    if not toks:
-        raise SelectorError("invalid label_selector: empty selector")
-    while True:
-        tok = peek()
+    def selector(self) -> Selector:
+        if not self.toks:
+            raise SelectorError("invalid label_selector: empty selector")
+        reqs: list[Requirement] = []
+        while True:
+            reqs.append(self.requirement())
+            tok = self.peek()
+            if tok is None:
+                break
+            if tok[1] != ",":
+                raise self._fail("expected comma", tok[2])
+            self.i += 1
+        return Selector(tuple(reqs))
+
+    def requirement(self) -> Requirement:
+        tok = self.peek()
         if tok is None:
-            raise SelectorError(f"invalid label_selector: expected identifier at pos {len(text)}")
+            raise self._fail("expected identifier", len(self.text))
         if tok == ("op", "!", tok[2]):
-            i += 1
-            key, pos = expect_word("identifier")
-            check_key(key, pos)
-            reqs.append(Requirement(key, "!exists"))
+            self.i += 1
+            return Requirement(self.key(), "!exists")
+        key = self.key()
+        nxt = self.peek()
+        if nxt is None or nxt[1] == ",":
+            return Requirement(key, "exists")
+        if nxt[0] == "op" and nxt[1] in ("=", "==", "!="):
+            self.i += 1
+            return Requirement(key, "!=" if nxt[1] == "!=" else "=", (self.equals_value(),))
+        if nxt[0] == "word" and nxt[1] in ("in", "notin"):
+            self.i += 1
+            return Requirement(key, nxt[1], self.value_set())
+        raise self._fail("expected comma", nxt[2])
+
+    def equals_value(self) -> str:
+        after = self.peek()
+        if after is None or after[1] == ",":
+            value, vpos = "", self._where(after)
         else:
-            key, pos = expect_word("identifier")
-            check_key(key, pos)
-            nxt = peek()
-            if nxt is None or nxt[1] == ",":
-                reqs.append(Requirement(key, "exists"))
-            elif nxt[0] == "op" and nxt[1] in ("=", "==", "!="):
-                i += 1
-                after = peek()
-                if after is None or after[1] == ",":
-                    value, vpos = "", after[2] if after else len(text)
-                else:
-                    value, vpos = expect_word("value")
-                check_value(value, vpos)
-                reqs.append(Requirement(key, "!=" if nxt[1] == "!=" else "=", (value,)))
-            elif nxt[0] == "word" and nxt[1] in ("in", "notin"):
-                i += 1
-                op = nxt[1]
-                paren = peek()
-                if paren is None or paren[1] != "(":
-                    where = paren[2] if paren else len(text)
-                    raise SelectorError(f"invalid label_selector: expected '(' at pos {where}")
-                i += 1
-                values: list[str] = []
-                while True:
-                    value, vpos = expect_word("value")
-                    check_value(value, vpos)
-                    values.append(value)
-                    sep = peek()
-                    if sep is not None and sep[1] == ",":
-                        i += 1
-                        continue
-                    if sep is not None and sep[1] == ")":
-                        i += 1
-                        break
-                    where = sep[2] if sep else len(text)
-                    raise SelectorError(f"invalid label_selector: expected ',' or ')' at pos {where}")
-                reqs.append(Requirement(key, op, tuple(values)))
-            else:
-                raise SelectorError(f"invalid label_selector: expected comma at pos {nxt[2]}")
-        tok = peek()
-        if tok is None:
-            break
-        if tok[1] != ",":
-            raise SelectorError(f"invalid label_selector: expected comma at pos {tok[2]}")
-        i += 1
-    return Selector(tuple(reqs))
+            value, vpos = self.expect_word("value")
+        self.check_value(value, vpos)
+        return value
+
+    def value_set(self) -> tuple[str, ...]:
+        paren = self.peek()
+        if paren is None or paren[1] != "(":
+            raise self._fail("expected '('", self._where(paren))
+        self.i += 1
+        values: list[str] = []
+        while True:
+            value, vpos = self.expect_word("value")
+            self.check_value(value, vpos)
+            values.append(value)
+            sep = self.peek()
+            if sep is not None and sep[1] in (",", ")"):
+                self.i += 1
+                if sep[1] == ")":
+                    return tuple(values)
+                continue
+            raise self._fail("expected ',' or ')'", self._where(sep))

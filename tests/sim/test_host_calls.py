@@ -145,13 +145,13 @@ async def test_delete_does_not_wait_for_the_disk(tmp_path, monkeypatch):
     from dask_hetzner.sim import hosts as hosts_module
 
     release = threading.Event()
-    real_rmtree = hosts_module._rmtree
+    real_rmtree = hosts_module.rmtree
 
     def slow_rmtree(*paths):
         release.wait(30)  # a loaded disk
         real_rmtree(*paths)
 
-    monkeypatch.setattr(hosts_module, "_rmtree", slow_rmtree)
+    monkeypatch.setattr(hosts_module, "rmtree", slow_rmtree)
     port = free_port()
     try:
         async with Simulator(hosts=True, ssh_port=port, root_dir=tmp_path / "root") as sim, Raw(sim) as raw:

@@ -572,7 +572,7 @@ async def test_without_cgroups_sessions_are_niced(
 ) -> None:
     if not exists("/proc/self/autogroup"):
         pytest.skip("no autogroups here: niceness alone orders the CPU")
-    monkeypatch.setattr("dask_hetzner.sim.cpu._own_cgroup", lambda: None)
+    monkeypatch.setattr("dask_hetzner.sim.cpu.own_cgroup", lambda: None)
     cloud.manager.cpu.close()
     cloud.manager = HostManager(cloud.manager.root_dir)
     assert not cloud.manager.cpu.grouped

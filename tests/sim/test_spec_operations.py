@@ -16,7 +16,7 @@ from hcloud.server_types import ServerType
 from sim_helpers import sdk, ssh_public_key
 
 from dask_hetzner.sim import Simulator, SpecViolation
-from dask_hetzner.sim.app import ROUTES, check_routes_against_spec
+from dask_hetzner.sim.routes import ROUTES, check_routes_against_spec
 from dask_hetzner.sim.schema import load_spec
 
 

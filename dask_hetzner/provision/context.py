@@ -1,0 +1,85 @@
+"""What the nodes of one cluster share, each part doing one job.
+
+The settings record, the API, the cluster's keys, the shared resources, the server
+factory, the host-key pins, the lazy watcher, where workers find their scheduler, and
+progress reports. Built once by the cluster; nodes and provisioning read it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .. import environment
+from ..cloud import Cloud, ServerInfo, ServerWatcher, selector
+from ..idle import IdleSettings
+from ..security import ClusterCA, SSHKeyPair, TLSCert
+from ..settings import ClusterSettings
+from .meeting import SchedulerAddress
+from .pins import HostKeyPins
+from .servers import Login, ServerFactory
+from .shared import SharedResources
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterKeys:
+    """The cluster's SSH key, its CA and the client's certificate (never in a repr)."""
+
+    def __init__(self, ssh_key: SSHKeyPair, ca: ClusterCA, client_cert: TLSCert) -> None:
+        self.ssh_key = ssh_key
+        self.ca = ca
+        self.client_cert = client_cert
+
+    def __repr__(self) -> str:
+        return "<ClusterKeys>"
+
+
+class ClusterContext:
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        cloud: Cloud,
+        keys: ClusterKeys,
+        *,
+        versions: dict[str, str],
+        idle: IdleSettings | None = None,
+        progress: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cloud = cloud
+        self.keys = keys
+        self.versions = versions
+        # With idle_timeout on: the scheduler's server gets the token (docs/security-idle.md).
+        self.idle = idle
+        self.progress = progress
+        self.bootstrap_scripts = {
+            role: environment.bootstrap_script(
+                role,
+                environment.requirements(role, versions, list(settings.packages)),
+                python=versions["python"],
+                uv_version=settings.uv_version,
+                index_url=settings.index_url,
+            )
+            for role in ("scheduler", "worker")
+        }
+        self.watcher = ServerWatcher(cloud, selector(settings.name), cloud.poll_interval)
+        self.pins = HostKeyPins()
+        self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh)
+        self.ssh = Login(settings.ssh_port, keys.ssh_key.private_openssh, settings.timeouts["ssh"])
+        self.factory = ServerFactory(cloud, settings, self.shared, self.watcher, self.pins, self.ssh)
+        self.scheduler = SchedulerAddress(settings.start_timeout)
+
+    @property
+    def ca(self) -> ClusterCA:
+        return self.keys.ca
+
+    @property
+    def servers(self) -> dict[str, ServerInfo]:
+        """This cluster's servers by name, as the API last showed them."""
+        return self.factory.servers
+
+    def report(self, node: str, phase: str) -> None:
+        logger.info("%s %s: %s", self.settings.name, node, phase)
+        if self.progress is not None:
+            self.progress(node, phase)

@@ -1,0 +1,29 @@
+"""The cloud layer's price and catalog API, against the simulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dask_hetzner.cloud import Cloud, ServerTypeInfo
+
+
+def test_price_is_the_dearest_location_offered() -> None:
+    info = ServerTypeInfo("x", 2, 4, 40, "x86", "shared", False, hourly={"fsn1": 0.01, "nbg1": 0.02})
+    assert info.price(["fsn1"]) == 0.01
+    assert info.price(["fsn1", "nbg1"]) == 0.02
+    assert info.price(["hel1"]) == 0.0
+    assert info.price([]) == 0.0
+
+
+async def test_cached_server_types_costs_no_request(sim: Any) -> None:
+    cloud = Cloud(sim.token, sim.endpoint)
+    try:
+        assert cloud.cached_server_types() is None
+        types = await cloud.server_types()
+        sent = cloud.requests
+        assert cloud.cached_server_types() is types
+        assert await cloud.server_types() is types and cloud.requests == sent
+        cx23 = types["cx23"]
+        assert cx23.price(["fsn1"]) == cx23.hourly["fsn1"] > 0
+    finally:
+        cloud.close()

@@ -23,7 +23,6 @@ from .lifecycle import ClusterLifecycle
 from .nodes import SchedulerServer, WorkerServer, user_options
 from .provision.context import ClusterContext, ClusterKeys
 from .provision.tasks import Provisioner
-from .security import ClusterCA, SSHKeyPair, TLSCert
 from .settings import (
     MAX_WORKERS,
     SERVERS_PER_NETWORK,
@@ -119,7 +118,7 @@ class HetznerCluster(ClusterLifecycle):
                 worker_options=worker_options, scheduler_options=scheduler_options,
                 max_hourly_cost=max_hourly_cost, idle_timeout=idle_timeout,
             )  # fmt: skip
-        self._token = config.require_token(token)
+        self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
         self._ctx = self._context(settings, attach, api_endpoint, progress)
         self._provisioner = Provisioner(self._ctx)
         self._attach = attach
@@ -163,19 +162,11 @@ class HetznerCluster(ClusterLifecycle):
         """The cluster's keys (made here, or the stored ones when reattaching) and context."""
         cloud = manage.make_cloud(self._token, api_endpoint)
         if attach is None:
-            ca = ClusterCA.generate(settings.name)
-            keys = ClusterKeys(
-                SSHKeyPair.generate(comment=f"dask-hetzner-{settings.name}"), ca, ca.issue("dask-client")
-            )
+            keys = ClusterKeys.generate(settings.name)
             # Keys, pins and metadata: written in _start, once the API said the name is free.
             self._state = ClusterState(root_dir(config.get("state-dir")), settings.name)
         else:
-            s = attach.secrets
-            keys = ClusterKeys(
-                SSHKeyPair.from_private_openssh(s.ssh_private, f"dask-hetzner-{settings.name}"),
-                ClusterCA.from_pem(s.ca_cert, s.ca_key),
-                TLSCert(s.client_cert, s.client_key),
-            )
+            keys = ClusterKeys.from_secrets(settings.name, attach.secrets)
             self._state = attach.state
         idle = None
         if settings.idle_timeout is not None:
@@ -311,16 +302,16 @@ class HetznerCluster(ClusterLifecycle):
 
     def planned_hourly_cost(self, n_workers: int) -> float | None:
         """Gross EUR/h of a scheduler and ``n_workers`` workers; None before the catalog is read."""
-        return cost.planned(self.settings, self._ctx.cloud.cached_server_types(), n_workers)
+        return cost.planned(self.settings, self._server_types, n_workers)
 
     @property
     def hourly_cost(self) -> float:
         """Gross EUR per hour of the servers that exist now, from the API's prices."""
-        return cost.hourly(self._ctx.servers.values(), self._ctx.cloud.cached_server_types())
+        return cost.hourly(self._ctx.servers.values(), self._server_types)
 
     def _worker_options(self) -> dict[str, Any]:
         """A new worker's options as it will start: the server type's defaults, then the user's."""
-        types, wanted = self._ctx.cloud.cached_server_types(), self.settings.worker_server_type
+        types, wanted = self._server_types, self.settings.worker_server_type
         if types is None or wanted not in types:
             raise ValueError("scaling by cores= or memory= needs the server types: start the cluster first")
         return {**worker_defaults(types[wanted]), **user_options(self.new_spec["options"])}
@@ -333,7 +324,7 @@ class HetznerCluster(ClusterLifecycle):
         if cores is not None:
             n = max(n, math.ceil(cores / int(self._worker_options()["nthreads"])))
         check_size(n, "scaling")
-        cost.check(self.settings, self._ctx.cloud.cached_server_types(), n, "scaling")
+        cost.check(self.settings, self._server_types, n, "scaling")
         return super().scale(n)
 
     def adapt(
@@ -358,7 +349,7 @@ class HetznerCluster(ClusterLifecycle):
             maximum = MAX_WORKERS
         cap = self.max_workers
         if cap is not None and minimum > cap:
-            cost.check(self.settings, self._ctx.cloud.cached_server_types(), math.ceil(minimum), "adapting (minimum)")
+            cost.check(self.settings, self._server_types, math.ceil(minimum), "adapting (minimum)")
         if cap is not None and maximum > cap:
             logger.info(
                 "cluster %s: adaptive maximum %s capped to %d workers by max_hourly_cost %.4f EUR/h",
@@ -381,7 +372,7 @@ class HetznerCluster(ClusterLifecycle):
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         """Dask's cluster widget plus the servers, their types and the hourly cost."""
-        types = self._ctx.cloud.cached_server_types()
+        types = self._server_types
         rows = display.server_rows(self._ctx.servers.values(), self._ctx.watcher.last, types)
         section = display.html_section(self.settings, rows, types, self.hourly_cost)
         return super()._repr_html_(cluster_status=section + (cluster_status or ""))

@@ -32,21 +32,6 @@ def token(explicit: str | None = None) -> str | None:
     return explicit or get("token") or os.environ.get("HCLOUD_TOKEN") or None
 
 
-# What users read when the token is missing or refused (docs/troubleshooting.md quotes both).
-NO_TOKEN = "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
-TOKEN_REFUSED = "the Hetzner Cloud API token was refused (unauthorized)"
-
-
-def require_token(explicit: str | None = None) -> str:
-    """The API token (see :func:`token`), or a ``ConfigError`` saying where to put one."""
-    found = token(explicit)
-    if not found:
-        from .cloud import ConfigError  # not at the top: cloud may use this module's messages
-
-        raise ConfigError(NO_TOKEN)
-    return found
-
-
 def endpoint(explicit: str | None = None) -> str:
     return explicit or get("api-endpoint") or os.environ.get("HCLOUD_ENDPOINT") or DEFAULT_ENDPOINT
 

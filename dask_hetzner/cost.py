@@ -70,14 +70,12 @@ def check(s: ClusterSettings, types: Types | None, n: int, what: str) -> None:
     )
 
 
-def hourly(servers: Iterable[ServerInfo], types: Types | None) -> float:
-    """Gross EUR/h of servers that exist, each at its own location's price."""
-    types = types or {}
-    return sum(
-        types[s.server_type].hourly.get(s.location, 0.0) for s in servers if s.server_type in types
-    )
-
-
 def server_price(server: ServerInfo, types: Types | None) -> float | None:
+    """Gross EUR/h of a server that exists, at its own location's price; None if unknown."""
     info = (types or {}).get(server.server_type)
     return None if info is None else info.hourly.get(server.location)
+
+
+def hourly(servers: Iterable[ServerInfo], types: Types | None) -> float:
+    """Gross EUR/h of servers that exist (those of unknown price count 0)."""
+    return sum(server_price(s, types) or 0.0 for s in servers)

@@ -21,12 +21,12 @@ from distributed.objects import SchedulerInfo
 
 from . import __version__, cost, reattach
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import ConfigError
+from .cloud import ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.tasks import Provisioner
 from .settings import ClusterSettings, check_same_zone, check_size
-from .state import ClusterState, Secrets
+from .state import ClusterState
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,12 @@ class ClusterLifecycle(SpecCluster):
     @property
     def max_workers(self) -> int | None:
         """The most workers ``max_hourly_cost`` allows (None: no limit, or prices not read yet)."""
-        return cost.max_workers(self.settings, self._ctx.cloud.cached_server_types())
+        return cost.max_workers(self.settings, self._server_types)
+
+    @property
+    def _server_types(self) -> dict[str, ServerTypeInfo] | None:
+        """The API's server types and prices, once read (no request here)."""
+        return self._ctx.cloud.cached_server_types()
 
     async def _check(self) -> None:
         """Every user choice checked against the API before anything is created."""
@@ -71,7 +76,7 @@ class ClusterLifecycle(SpecCluster):
         await cloud.check_choices([s.scheduler_server_type, s.worker_server_type], s.location, s.image)
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
         check_size(len(self.worker_spec), "starting the cluster")
-        cost.check(s, cloud.cached_server_types(), len(self.worker_spec), "starting the cluster")
+        cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
         adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
         if adaptive is not None and cap is not None and adaptive.maximum > cap:
             # adapt() called before the prices were read: cap it now, before it scales.
@@ -155,18 +160,8 @@ class ClusterLifecycle(SpecCluster):
             "versions": ctx.versions,
             "dask_hetzner_version": __version__,
         }
-        k = ctx.keys
-        keys = Secrets(
-            ca_cert=k.ca.cert_pem,
-            ca_key=k.ca.key_pem,
-            client_cert=k.client_cert.cert_pem,
-            client_key=k.client_cert.key_pem,
-            ssh_private=k.ssh_key.private_openssh,
-            ssh_public=k.ssh_key.public_openssh,
-        )
-        await asyncio.to_thread(self._state.create, metadata, keys)
+        await asyncio.to_thread(self._state.create, metadata, ctx.keys.secrets())
         ctx.pins.follow(self._state)
-
 
     async def _start_attached(self) -> None:
         """The servers the API lists become this cluster's scheduler and workers."""

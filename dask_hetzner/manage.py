@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import config, layout, remote
-from .cloud import LABEL_WORKER, Cloud, CloudError, ClusterResources, ConfigError, ServerInfo
+from .cloud import (
+    LABEL_WORKER,
+    Cloud,
+    CloudError,
+    ClusterResources,
+    ConfigError,
+    ServerInfo,
+    token_refused,
+)
 from .state import ClusterState, StateError, root_dir
 
 __all__ = [
@@ -77,7 +85,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def make_cloud(token: str | None = None, api_endpoint: str | None = None) -> Cloud:
     return Cloud(
-        config.require_token(token),
+        config.token(token) or "",  # Cloud refuses a missing one
         config.endpoint(api_endpoint),
         threads=int(config.get("api.threads")),
         request_timeout=config.seconds("timeouts.api-request"),
@@ -86,13 +94,6 @@ def make_cloud(token: str | None = None, api_endpoint: str | None = None) -> Clo
         backoff_base=config.seconds("api.backoff-base"),
         backoff_max=config.seconds("api.backoff-max"),
     )
-
-
-def token_refused(e: CloudError) -> Exception:
-    """A refused token (401) as the ``ConfigError`` users read; any other error as it is."""
-    if e.code in ("unauthorized", 401):
-        return ConfigError(config.TOKEN_REFUSED)
-    return e
 
 
 @contextlib.asynccontextmanager

@@ -6,13 +6,14 @@ Only ``sdk.py`` (the SDK adapter) imports ``hcloud``; ``client.py`` says how the
 from __future__ import annotations
 
 from .client import Cloud
-from .errors import ActionFailed, CloudError, ConfigError
+from .errors import ActionFailed, CloudError, ConfigError, token_refused
 from .model import (
     LABEL_CLUSTER,
     LABEL_ROLE,
     LABEL_WORKER,
     ClusterResources,
     LocationInfo,
+    NewServer,
     ResourceInfo,
     ServerInfo,
     ServerTypeInfo,
@@ -34,10 +35,12 @@ __all__ = [
     "ClusterResources",
     "ConfigError",
     "LocationInfo",
+    "NewServer",
     "RateLimit",
     "ResourceInfo",
     "ServerInfo",
     "ServerTypeInfo",
     "ServerWatcher",
     "selector",
+    "token_refused",
 ]

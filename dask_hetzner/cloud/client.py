@@ -17,8 +17,8 @@ from typing import Any
 
 from .catalog import Catalog
 from .clusters import Clusters
-from .errors import CloudError, ConfigError
-from .model import ClusterResources, LocationInfo, ServerInfo, ServerTypeInfo
+from .errors import NO_TOKEN, CloudError, ConfigError, token_refused
+from .model import ClusterResources, LocationInfo, NewServer, ServerInfo, ServerTypeInfo
 from .resources import Resources
 from .retry import RateLimit, Retry
 from .sdk import Sdk
@@ -40,9 +40,7 @@ class Cloud:
         backoff_max: float = 30.0,
     ) -> None:
         if not token:
-            raise ConfigError(
-                "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
-            )
+            raise ConfigError(NO_TOKEN)
         self.endpoint = endpoint
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
@@ -84,9 +82,10 @@ class Cloud:
         try:
             await self.retry.call("checking the API token", self.sdk.check_token)
         except CloudError as e:
-            if e.code in ("unauthorized", 401):
-                raise ConfigError("the Hetzner Cloud API token was refused (unauthorized)") from None
-            raise
+            refused = token_refused(e)
+            if refused is e:
+                raise
+            raise refused from None
 
     async def action_error(self, action_id: int) -> tuple[str, str] | None:
         """``(code, message)`` if the action ended in error, else None."""
@@ -131,33 +130,9 @@ class Cloud:
     async def create_placement_group(self, name: str, labels: dict[str, str]) -> int:
         return await self.resources.create_placement_group(name, labels)
 
-    async def create_server(
-        self,
-        *,
-        name: str,
-        server_type: str,
-        image: str,
-        location: str,
-        ssh_key_id: int,
-        network_id: int,
-        firewall_id: int,
-        placement_group_id: int | None,
-        user_data: str,
-        labels: dict[str, str],
-    ) -> ServerInfo:
+    async def create_server(self, new: NewServer) -> ServerInfo:
         """Create a server; an adopted one (a retried POST) has no ``action_id``."""
-        return await self.resources.create_server(
-            name=name,
-            server_type=server_type,
-            image=image,
-            location=location,
-            ssh_key_id=ssh_key_id,
-            network_id=network_id,
-            firewall_id=firewall_id,
-            placement_group_id=placement_group_id,
-            user_data=user_data,
-            labels=labels,
-        )
+        return await self.resources.create_server(new)
 
     # Finding and deleting by label (clusters.py) ------------------------------------------
 

@@ -31,3 +31,15 @@ class ActionFailed(CloudError):
 
 class ConfigError(ValueError):
     """A user choice (type, location, image, token, ...) is not valid; raised before creating anything."""
+
+
+# What users read when the token is missing or refused (docs/troubleshooting.md quotes both).
+NO_TOKEN = "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
+TOKEN_REFUSED = "the Hetzner Cloud API token was refused (unauthorized)"
+
+
+def token_refused(e: CloudError) -> Exception:
+    """A refused token (401) as the ``ConfigError`` users read; any other error as it is."""
+    if e.code in ("unauthorized", 401):
+        return ConfigError(TOKEN_REFUSED)
+    return e

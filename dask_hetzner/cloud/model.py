@@ -53,6 +53,23 @@ class ServerTypeInfo:
         return max((self.hourly[loc] for loc in locations if loc in self.hourly), default=0.0)
 
 
+@dataclass(frozen=True)
+class NewServer:
+    """What a server is created with (``POST /servers``), handed down the layers as one value."""
+
+    name: str
+    server_type: str
+    image: str
+    location: str
+    ssh_key_id: int
+    network_id: int
+    firewall_id: int
+    placement_group_id: int | None
+    # cloud-init with the server's private host key: never in a repr.
+    user_data: str = field(repr=False)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class LocationInfo:
     name: str

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import CloudError
-from .model import NOUN, Kind, ResourceInfo, ServerInfo
+from .model import NOUN, Kind, NewServer, ResourceInfo, ServerInfo
 from .retry import Retry
 
 logger = logging.getLogger(__name__)
@@ -102,40 +102,14 @@ class Resources:
         create = functools.partial(self.sdk.create_placement_group, name, labels)
         return await self._create_shared("placement_group", name, labels, create)
 
-    async def create_server(
-        self,
-        *,
-        name: str,
-        server_type: str,
-        image: str,
-        location: str,
-        ssh_key_id: int,
-        network_id: int,
-        firewall_id: int,
-        placement_group_id: int | None,
-        user_data: str,
-        labels: dict[str, str],
-    ) -> ServerInfo:
+    async def create_server(self, new: NewServer) -> ServerInfo:
         """Create a server; an adopted one (a retried POST) has no ``action_id``."""
-        create = functools.partial(
-            self.sdk.create_server,
-            name,
-            labels,
-            server_type=server_type,
-            image=image,
-            location=location,
-            ssh_key_id=ssh_key_id,
-            network_id=network_id,
-            firewall_id=firewall_id,
-            placement_group_id=placement_group_id,
-            user_data=user_data,
-        )
         return await self._create_named(
-            f"creating server {name} ({server_type} in {location})",
+            f"creating server {new.name} ({new.server_type} in {new.location})",
             "server",
-            name,
-            labels,
-            create,
-            functools.partial(self.sdk.find_server, name),
+            new.name,
+            new.labels,
+            functools.partial(self.sdk.create_server, new),
+            functools.partial(self.sdk.find_server, new.name),
             self.sdk.delete_server,
         )

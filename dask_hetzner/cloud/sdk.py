@@ -28,7 +28,7 @@ from hcloud.ssh_keys import SSHKey
 
 from .. import __version__
 from .errors import CloudError, Unreachable
-from .model import Kind, LocationInfo, ResourceInfo, ServerInfo, ServerTypeInfo
+from .model import Kind, LocationInfo, NewServer, ResourceInfo, ServerInfo, ServerTypeInfo
 
 T = TypeVar("T")
 
@@ -221,31 +221,19 @@ class Sdk:
         result = self._client.placement_groups.create(name=name, labels=labels, type="spread")
         return _resource_info("placement_group", result.placement_group)
 
-    def create_server(
-        self,
-        name: str,
-        labels: dict[str, str],
-        *,
-        server_type: str,
-        image: str,
-        location: str,
-        ssh_key_id: int,
-        network_id: int,
-        firewall_id: int,
-        placement_group_id: int | None,
-        user_data: str,
-    ) -> ServerInfo:
+    def create_server(self, new: NewServer) -> ServerInfo:
+        group = new.placement_group_id
         result = self._client.servers.create(
-            name=name,
-            labels=labels,
-            server_type=ServerType(name=server_type),
-            image=Image(name=image),
-            location=Location(name=location),
-            ssh_keys=[SSHKey(id=ssh_key_id)],
-            networks=[Network(id=network_id)],
-            firewalls=[Firewall(id=firewall_id)],
-            placement_group=PlacementGroup(id=placement_group_id) if placement_group_id else None,
-            user_data=user_data,
+            name=new.name,
+            labels=new.labels,
+            server_type=ServerType(name=new.server_type),
+            image=Image(name=new.image),
+            location=Location(name=new.location),
+            ssh_keys=[SSHKey(id=new.ssh_key_id)],
+            networks=[Network(id=new.network_id)],
+            firewalls=[Firewall(id=new.firewall_id)],
+            placement_group=PlacementGroup(id=group) if group else None,
+            user_data=new.user_data,
         )
         info = _server_info(result.server)
         info.action_id = result.action.id if result.action else None

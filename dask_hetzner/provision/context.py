@@ -15,6 +15,7 @@ from ..cloud import Cloud, ServerInfo, ServerWatcher, selector
 from ..idle import IdleSettings
 from ..security import ClusterCA, SSHKeyPair, TLSCert
 from ..settings import ClusterSettings
+from ..state import Secrets
 from .meeting import SchedulerAddress
 from .pins import HostKeyPins
 from .servers import Login, ServerFactory
@@ -33,6 +34,31 @@ class ClusterKeys:
 
     def __repr__(self) -> str:
         return "<ClusterKeys>"
+
+    @classmethod
+    def generate(cls, cluster: str) -> ClusterKeys:
+        ca = ClusterCA.generate(cluster)
+        return cls(SSHKeyPair.generate(comment=f"dask-hetzner-{cluster}"), ca, ca.issue("dask-client"))
+
+    @classmethod
+    def from_secrets(cls, cluster: str, s: Secrets) -> ClusterKeys:
+        """The keys as the local state stores them (see :meth:`secrets`)."""
+        return cls(
+            SSHKeyPair.from_private_openssh(s.ssh_private, f"dask-hetzner-{cluster}"),
+            ClusterCA.from_pem(s.ca_cert, s.ca_key),
+            TLSCert(s.client_cert, s.client_key),
+        )
+
+    def secrets(self) -> Secrets:
+        """The keys as the local state stores them (read back by :meth:`from_secrets`)."""
+        return Secrets(
+            ca_cert=self.ca.cert_pem,
+            ca_key=self.ca.key_pem,
+            client_cert=self.client_cert.cert_pem,
+            client_key=self.client_cert.key_pem,
+            ssh_private=self.ssh_key.private_openssh,
+            ssh_public=self.ssh_key.public_openssh,
+        )
 
 
 class ClusterContext:

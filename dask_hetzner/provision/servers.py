@@ -16,7 +16,15 @@ from typing import Any
 
 from .. import remote
 from ..aio import cancelled
-from ..cloud import LABEL_WORKER, ActionFailed, Cloud, CloudError, ServerInfo, ServerWatcher
+from ..cloud import (
+    LABEL_WORKER,
+    ActionFailed,
+    Cloud,
+    CloudError,
+    NewServer,
+    ServerInfo,
+    ServerWatcher,
+)
 from ..settings import ClusterSettings
 from .pins import HostKeyPins
 from .shared import SharedResources
@@ -158,16 +166,18 @@ class ServerFactory:
         shared = self.shared
         assert shared.ssh_key_id and shared.network_id and shared.firewall_id
         return await self.cloud.create_server(
-            name=name,
-            server_type=server_type,
-            image=self.settings.image,
-            location=location,
-            ssh_key_id=shared.ssh_key_id,
-            network_id=shared.network_id,
-            firewall_id=shared.firewall_id,
-            placement_group_id=group,
-            user_data=user_data,
-            labels=labels,
+            NewServer(
+                name=name,
+                server_type=server_type,
+                image=self.settings.image,
+                location=location,
+                ssh_key_id=shared.ssh_key_id,
+                network_id=shared.network_id,
+                firewall_id=shared.firewall_id,
+                placement_group_id=group,
+                user_data=user_data,
+                labels=labels,
+            )
         )
 
     def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:

@@ -11,11 +11,9 @@ from typing import Any
 import dask.config
 import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
-from distributed.utils import Log, Logs
 
 from . import config, cost, display, environment, exits, manage, reattach
 from .attach import AttachedScheduler, Attachment
-from .cloud import LABEL_WORKER
 from .cost import CostLimitError
 from .idle import IdleSettings
 from .launch import worker_defaults
@@ -269,34 +267,6 @@ class HetznerCluster(ClusterLifecycle):
             _attach=attachment,
             **kwargs,
         )
-
-    # Logs ---------------------------------------------------------------------------------------
-
-    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: Any = True) -> Logs:
-        """The cluster manager's log, and each server's dask and bootstrap logs (over SSH).
-
-        Keys: ``Cluster``, ``scheduler``, ``scheduler bootstrap``, ``worker-N``,
-        ``worker-N bootstrap``. ``workers``: True, False, or worker names or addresses.
-        """
-        logs = Logs()
-        if cluster:
-            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
-        servers = list(self._ctx.servers.values())
-        targets = [s for s in servers if scheduler and s.role == "scheduler"]
-        if workers:
-            known = self.scheduler_info.get("workers", {})
-            wanted = None if workers is True else {str(known[w]["name"]) if w in known else str(w) for w in workers}
-            targets += [
-                s for s in servers if s.role == "worker" and (wanted is None or s.labels.get(LABEL_WORKER) in wanted)
-            ]
-
-        def connect(host: str, host_key: str) -> Any:
-            return self._ctx.ssh(host, host_key, retry_for=15)
-
-        fetched = await manage.node_logs(connect, targets, dict(self._ctx.pins.keys))
-        for key, text in fetched.items():
-            logs[key] = Log(text)
-        return logs
 
     # Size and cost ------------------------------------------------------------------------------
 

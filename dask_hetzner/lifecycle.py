@@ -18,10 +18,11 @@ from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.objects import SchedulerInfo
+from distributed.utils import Log, Logs
 
-from . import __version__, cost, reattach
+from . import __version__, cost, manage, reattach
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.tasks import Provisioner
@@ -237,6 +238,35 @@ class ClusterLifecycle(SpecCluster):
         # SpecCluster names new workers by their number alone; ours are "worker-N" (labels,
         # server names "<cluster>-worker-N" and reattaching rely on it).
         return f"worker-{worker_number}"
+
+    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: Any = True) -> Logs:
+        """The cluster manager's log, and each server's dask and bootstrap logs (over SSH).
+
+        Cluster's own reads only the scheduler's and workers' logs through dask; ours are on
+        the servers, next to their bootstrap logs.
+
+        Keys: ``Cluster``, ``scheduler``, ``scheduler bootstrap``, ``worker-N``,
+        ``worker-N bootstrap``. ``workers``: True, False, or worker names or addresses.
+        """
+        logs = Logs()
+        if cluster:
+            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+        servers = list(self._ctx.servers.values())
+        targets = [s for s in servers if scheduler and s.role == "scheduler"]
+        if workers:
+            known = self.scheduler_info.get("workers", {})
+            wanted = None if workers is True else {str(known[w]["name"]) if w in known else str(w) for w in workers}
+            targets += [
+                s for s in servers if s.role == "worker" and (wanted is None or s.labels.get(LABEL_WORKER) in wanted)
+            ]
+
+        def connect(host: str, host_key: str) -> Any:
+            return self._ctx.ssh(host, host_key, retry_for=15)
+
+        fetched = await manage.node_logs(connect, targets, dict(self._ctx.pins.keys))
+        for key, text in fetched.items():
+            logs[key] = Log(text)
+        return logs
 
     def _close_exit_stack(self) -> None:
         # SpecCluster keeps its exit stack private; disconnecting must close it without

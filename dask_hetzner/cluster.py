@@ -12,13 +12,16 @@ import dask.config
 import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
-from . import config, cost, display, environment, exits, manage, reattach
+from . import config, cost, display, exits, manage, reattach
 from .attach import AttachedScheduler, Attachment
 from .cost import CostLimitError
+from .environment import local_versions
 from .idle import IdleSettings
+from .jobenv import SecretEnv, check_env
 from .launch import worker_defaults
 from .lifecycle import ClusterLifecycle
 from .nodes import SchedulerServer, WorkerServer, user_options
+from .payload import Payload
 from .provision.context import ClusterContext, ClusterKeys
 from .provision.tasks import Provisioner
 from .settings import (
@@ -69,6 +72,19 @@ class HetznerCluster(ClusterLifecycle):
     max_hourly_cost:
         Refuse to scale (or start) past this many EUR per hour, gross, by the API's prices for
         the cluster's location; ``adapt``'s maximum is capped to fit.
+    environment:
+        ``"sync"`` (default): every package installed here, at its version, on every server;
+        ``"minimal"``: only the dask stack; or a requirements file. See
+        ``docs/your-code-and-data.md``.
+    upload:
+        Local files and directories copied to every server, on the processes' import path.
+    env, secret_env:
+        Environment variables of the dask processes; secret ones travel only in 0600 files.
+    object_storage:
+        ``True``: the usual S3 credentials (as secrets) and the location's Hetzner Object
+        Storage endpoint; or an endpoint URL.
+    apt_packages, setup_commands:
+        Debian packages and root shell commands for every server, before the environment.
     idle_timeout:
         Delete the whole cluster (never just power it off: Hetzner bills stopped servers) after
         this long without work and without a connected client, even if this process is gone.
@@ -100,6 +116,13 @@ class HetznerCluster(ClusterLifecycle):
         progress: Callable[[str, str], None] | None = None,
         max_hourly_cost: float | None = None,
         idle_timeout: str | float | None = None,
+        environment: str | None = None,
+        upload: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        secret_env: dict[str, str] | None = None,
+        object_storage: bool | str | None = None,
+        apt_packages: list[str] | None = None,
+        setup_commands: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
@@ -115,9 +138,12 @@ class HetznerCluster(ClusterLifecycle):
                 packages=packages, connect=connect, allowed_cidrs=allowed_cidrs,
                 worker_options=worker_options, scheduler_options=scheduler_options,
                 max_hourly_cost=max_hourly_cost, idle_timeout=idle_timeout,
+                environment=environment, upload=upload, env=env, object_storage=object_storage,
+                apt_packages=apt_packages, setup_commands=setup_commands,
             )  # fmt: skip
+        secrets = SecretEnv(check_env(secret_env, "secret_env"))
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
-        self._ctx = self._context(settings, attach, api_endpoint, progress)
+        self._ctx = self._context(settings, attach, api_endpoint, progress, secrets)
         self._provisioner = Provisioner(self._ctx)
         self._attach = attach
         # Detached: closing only disconnects. True while reattaching, so a failed reattach
@@ -156,6 +182,7 @@ class HetznerCluster(ClusterLifecycle):
         attach: Attachment | None,
         api_endpoint: str | None,
         progress: Callable[[str, str], None] | None,
+        secrets: SecretEnv,
     ) -> ClusterContext:
         """The cluster's keys (made here, or the stored ones when reattaching) and context."""
         cloud = manage.make_cloud(self._token, api_endpoint)
@@ -170,8 +197,10 @@ class HetznerCluster(ClusterLifecycle):
         if settings.idle_timeout is not None:
             # A start that takes longer than start_grace has failed anyway.
             idle = IdleSettings(settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout)
+        versions = local_versions()
         ctx = ClusterContext(
-            settings, cloud, keys, versions=environment.local_versions(), idle=idle, progress=progress
+            settings, cloud, keys, versions=versions, idle=idle, progress=progress,
+            payload=Payload(settings, secrets, versions),
         )
         if attach is not None:
             ctx.pins.follow(self._state)

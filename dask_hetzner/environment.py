@@ -234,9 +234,10 @@ def bootstrap_hash(
     python: str,
     uv_version: str,
     index_url: str | None = None,
+    system: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> str:
     """The marker value: equal inputs, equal hash (and the bootstrap does nothing)."""
-    doc = {
+    doc: dict[str, object] = {
         "revision": _BOOTSTRAP_REVISION,
         "role": role,
         "requirements": list(requirements),
@@ -244,10 +245,19 @@ def bootstrap_hash(
         "uv": uv_version,
         "index_url": index_url or "",
     }
+    if system != ((), ()):  # hashes without system setup stay as they were
+        doc["system"] = [list(system[0]), list(system[1])]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _inputs(role: Role, reqs: list[str], pins: dict[str, str], **values: str) -> str:
+def _inputs(
+    role: Role,
+    reqs: list[str],
+    pins: dict[str, str],
+    apt: tuple[str, ...] = (),
+    wheels: tuple[str, ...] = (),
+    **values: str,
+) -> str:
     """The bootstrap's inputs: one shell variable each, every value quoted."""
     names = sorted(
         {canonicalize_name(Requirement(r).name) for r in reqs}
@@ -259,6 +269,8 @@ def _inputs(role: Role, reqs: list[str], pins: dict[str, str], **values: str) ->
         "ROLE": shlex.quote(role),
         **{name: shlex.quote(value) for name, value in values.items()},
         "REQUIREMENTS": f"({' '.join(shlex.quote(r) for r in reqs)})",  # a bash array
+        "APT_PACKAGES": f"({' '.join(shlex.quote(r) for r in apt)})",
+        "LOCAL_WHEELS": f"({' '.join(shlex.quote(r) for r in wheels)})",  # paths from its directory
         "REPORT_NAMES": shlex.quote(json.dumps(names)),
         "PINS": shlex.quote(json.dumps(pins, sort_keys=True)),
         "FETCH_UV_PY": shlex.quote(script("fetch_uv.py")),
@@ -275,6 +287,9 @@ def bootstrap_script(
     python: str,
     uv_version: str,
     index_url: str | None = None,
+    apt_packages: tuple[str, ...] = (),
+    setup_commands: tuple[str, ...] = (),
+    local_wheels: tuple[str, ...] = (),
 ) -> str:
     """A bash script that builds ``~/.dask-hetzner/env`` on an Ubuntu 24.04 server as root.
 
@@ -299,9 +314,13 @@ def bootstrap_script(
         role,
         reqs,
         {"python": python, **pins},
+        tuple(apt_packages),
+        tuple(local_wheels),
         HASH=bootstrap_hash(
-            role, reqs, python=python, uv_version=uv_version, index_url=index_url
+            role, [*reqs, *local_wheels], python=python, uv_version=uv_version,
+            index_url=index_url, system=(tuple(apt_packages), tuple(setup_commands)),
         ),
+        SETUP_COMMANDS="\n".join(setup_commands),
         UV_VERSION=uv_version,
         PYTHON_VERSION=python,
         INDEX_URL=index_url or "",

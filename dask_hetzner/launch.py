@@ -21,6 +21,9 @@ TLS_ARGS = (
 )
 # Plain TCP is refused by the processes themselves, not only by the firewall.
 PROCESS_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
+# The user's variables and secrets (payload.py): read from their 0600 file by the shell that
+# starts the process, so no value is ever on a command line.
+SOURCE_ENV = f'[ ! -f "$HOME"/{layout.PROCESS_ENV} ] || . "$HOME"/{layout.PROCESS_ENV}; exec '
 
 
 def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
@@ -60,7 +63,7 @@ def scheduler_command(
     ]
     if preload is not None:
         args.append(f"--preload {preload}")
-    return f"env {PROCESS_ENV} " + " ".join(args + options_args(options))
+    return f"{SOURCE_ENV}env {PROCESS_ENV} " + " ".join(args + options_args(options))
 
 
 def worker_command(
@@ -78,7 +81,7 @@ def worker_command(
         TLS_ARGS,
     ]
     env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={int(wait)}"
-    return f"env {env} " + " ".join(args + options_args(options))
+    return f"{SOURCE_ENV}env {env} " + " ".join(args + options_args(options))
 
 
 async def wait_for_file(conn: remote.Remote, path: str, *, timeout: float, what: str, log: str) -> dict[str, Any]:

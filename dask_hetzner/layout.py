@@ -18,6 +18,12 @@ VERSIONS = f"{REMOTE_DIR}/versions.json"
 WORK_DIR = f"{REMOTE_DIR}/work"
 TLS_DIR = f"{REMOTE_DIR}/tls"
 SCHEDULER_FILE = f"{REMOTE_DIR}/scheduler.json"
+# The user's job (payload.py): wheels of local packages (relative to REMOTE_DIR: the bootstrap
+# installs from there), uploaded files (on the processes' PYTHONPATH), variables and secrets.
+WHEELS_DIR = "wheels"
+UPLOAD_DIR = f"{REMOTE_DIR}/upload"
+UPLOAD_ARCHIVE = f"{REMOTE_DIR}/upload.tar.gz"
+PROCESS_ENV = f"{REMOTE_DIR}/process.env"
 
 
 def log(role: str) -> str:

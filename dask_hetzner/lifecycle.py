@@ -82,6 +82,9 @@ class ClusterLifecycle(SpecCluster):
         if adaptive is not None and cap is not None and adaptive.maximum > cap:
             # adapt() called before the prices were read: cap it now, before it scales.
             adaptive.maximum = cap
+        types = await cloud.server_types()
+        # The packages resolved for the servers' platforms: a bad one is named now, not in a bootstrap.
+        await self._ctx.payload.check({types[t].architecture for t in (s.scheduler_server_type, s.worker_server_type)})
         if len(await cloud.cluster_resources(s.name)):
             raise ConfigError(
                 f"a cluster named {s.name!r} already exists in this project "

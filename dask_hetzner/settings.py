@@ -17,7 +17,7 @@ from typing import Any
 import dask.config
 import dask.utils
 
-from . import config
+from . import config, jobsettings
 from .cloud import ConfigError
 from .manage import check_name
 
@@ -49,6 +49,12 @@ STORED = (
     "scheduler_options",
     "max_hourly_cost",
     "idle_timeout",
+    "environment",
+    "upload",
+    "env",
+    "object_storage",
+    "apt_packages",
+    "setup_commands",
 )
 # cluster.json files written before the settings record named two fields differently.
 _LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
@@ -76,6 +82,13 @@ class ClusterSettings:
     timeouts: Mapping[str, float]
     uv_version: str
     index_url: str | None
+    # The user's job on the servers (payload.py); secrets are never part of this record.
+    environment: str = "minimal"
+    upload: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    object_storage: bool | str = False
+    apt_packages: tuple[str, ...] = ()
+    setup_commands: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -112,6 +125,7 @@ class ClusterSettings:
             timeouts=a("timeouts") or {k: config.seconds(f"timeouts.{k}") for k in TIMEOUT_KEYS},
             uv_version=_pick("uv-version", a("uv_version")),
             index_url=_pick("index-url", a("index_url")),
+            **jobsettings.build(_pick, a),
         )
 
     @classmethod

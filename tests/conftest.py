@@ -41,6 +41,9 @@ def sim_config(sim) -> dict:
         "hetzner.timeouts.process-start": "120s",
         "hetzner.timeouts.close": "60s",
         "distributed.deploy.lost-worker-timeout": "2s",
+        # The dask stack only: syncing the test environment (jupyter, sphinx, ...) to every
+        # simulated server would only slow the tests; tests/test_job.py covers "sync".
+        "hetzner.environment": "minimal",
     }
 
 

@@ -377,11 +377,11 @@ def test_bootstrap_fails_on_one_worker(fsim, scenario, monkeypatch, caplog):
     with scenario("host: bootstrap fails on worker-1") as row:
         real = nodes.bootstrap
 
-        async def one_broken(ctx: Any, conn: Any, role: str, server: Any) -> None:
+        async def one_broken(ctx: Any, conn: Any, role: str, server: Any, snap: Any) -> None:
             if server.name == "h2-worker-1":
                 ctx = copy.copy(ctx)
-                ctx.bootstrap_scripts = {**ctx.bootstrap_scripts, "worker": BROKEN_BOOTSTRAP}
-            await real(ctx, conn, role, server)
+                ctx.bootstrap_script = lambda role, snap: BROKEN_BOOTSTRAP
+            await real(ctx, conn, role, server, snap)
 
         monkeypatch.setattr(nodes, "bootstrap", one_broken)
         t0 = time.monotonic()
@@ -400,12 +400,12 @@ def test_bootstrap_fails_once_on_one_worker(fsim, scenario, monkeypatch):
         real = nodes.bootstrap
         failures: list[str] = []
 
-        async def broken_once(ctx: Any, conn: Any, role: str, server: Any) -> None:
+        async def broken_once(ctx: Any, conn: Any, role: str, server: Any, snap: Any) -> None:
             if server.name == "h2b-worker-0" and not failures:
                 failures.append(server.name)
                 ctx = copy.copy(ctx)
-                ctx.bootstrap_scripts = {**ctx.bootstrap_scripts, "worker": BROKEN_BOOTSTRAP}
-            await real(ctx, conn, role, server)
+                ctx.bootstrap_script = lambda role, snap: BROKEN_BOOTSTRAP
+            await real(ctx, conn, role, server, snap)
 
         monkeypatch.setattr(nodes, "bootstrap", broken_once)
         with HetznerCluster(workers=1, name="h2b") as cluster:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from .. import environment
 from ..cloud import Cloud, ServerInfo, ServerWatcher, selector
 from ..idle import IdleSettings
+from ..jobenv import SecretEnv
+from ..payload import Payload, Snapshot
 from ..security import ClusterCA, SSHKeyPair, TLSCert
 from ..settings import ClusterSettings
 from ..state import Secrets
@@ -71,6 +73,7 @@ class ClusterContext:
         versions: dict[str, str],
         idle: IdleSettings | None = None,
         progress: Callable[[str, str], None] | None = None,
+        payload: Payload | None = None,
     ) -> None:
         self.settings = settings
         self.cloud = cloud
@@ -79,22 +82,28 @@ class ClusterContext:
         # With idle_timeout on: the scheduler's server gets the token (docs/security-idle.md).
         self.idle = idle
         self.progress = progress
-        self.bootstrap_scripts = {
-            role: environment.bootstrap_script(
-                role,
-                environment.requirements(role, versions, list(settings.packages)),
-                python=versions["python"],
-                uv_version=settings.uv_version,
-                index_url=settings.index_url,
-            )
-            for role in ("scheduler", "worker")
-        }
+        # The user's job: packages, local code, files, variables and secrets (payload.py).
+        self.payload = payload if payload is not None else Payload(settings, SecretEnv(), versions)
         self.watcher = ServerWatcher(cloud, selector(settings.name), cloud.poll_interval)
         self.pins = HostKeyPins()
         self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh)
         self.ssh = Login(settings.ssh_port, keys.ssh_key.private_openssh, settings.timeouts["ssh"])
         self.factory = ServerFactory(cloud, settings, self.shared, self.watcher, self.pins, self.ssh)
         self.scheduler = SchedulerAddress(settings.start_timeout)
+
+    def bootstrap_script(self, role: str, snap: Snapshot) -> str:
+        """The bootstrap of a ``role`` server with this reading of the local code."""
+        s = self.settings
+        return environment.bootstrap_script(
+            role,  # type: ignore[arg-type]
+            self.payload.requirements(role),
+            python=self.versions["python"],
+            uv_version=s.uv_version,
+            index_url=s.index_url,
+            apt_packages=s.apt_packages,
+            setup_commands=s.setup_commands,
+            local_wheels=tuple(snap.wheel_paths()),
+        )
 
     @property
     def ca(self) -> ClusterCA:

@@ -17,6 +17,7 @@ from typing import Any
 from .. import early_start, environment, launch, layout, remote
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
+from ..payload import Snapshot
 from ..security import HostKey, cloud_config
 from .context import ClusterContext
 from .servers import Reached
@@ -81,7 +82,10 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
             ctx.scheduler.expect(reached.hurry)  # a worker ready for the address hurries it
             announce = asyncio.ensure_future(_announce_scheduler(ctx, reached))
         ctx.report(name, "installing")
-        await _bootstrap_twice(ctx, reached.conn, role, reached.server)
+        snap = await ctx.payload.snapshot()  # the local code as it is now (scale-ups re-read it)
+        await ctx.payload.put_wheels(reached.conn, snap)
+        await _bootstrap_twice(ctx, reached.conn, role, reached.server, snap)
+        await ctx.payload.put_files(reached.conn, snap, timeout=ctx.settings.timeouts["bootstrap"])
         timings["bootstrap"] = time.monotonic() - t0
         # Now with its private IP and status: what the cluster's repr shows.
         server = await reached.located()
@@ -115,19 +119,23 @@ async def _announce_scheduler(ctx: ClusterContext, reached: Reached) -> None:
     ctx.scheduler.set(f"tls://{server.private_ip}:{ctx.settings.scheduler_port}")
 
 
-async def _bootstrap_twice(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:
+async def _bootstrap_twice(
+    ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo, snap: Snapshot
+) -> None:
     try:
-        await bootstrap(ctx, conn, role, server)
+        await bootstrap(ctx, conn, role, server, snap)
     except BootstrapError as e:
         # A mirror or DNS blip on one server; the script is idempotent: once more.
         # The whole message: it quotes the end of the log, the only record of the cause.
         logger.warning("%s: bootstrap failed, trying once more: %s", server.name, e)
-        await bootstrap(ctx, conn, role, server)
+        await bootstrap(ctx, conn, role, server, snap)
 
 
-async def bootstrap(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:
+async def bootstrap(
+    ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo, snap: Snapshot
+) -> None:
     """Build the environment (idempotent) and refuse versions that differ from the client's."""
-    await conn.put(layout.BOOTSTRAP_SCRIPT, ctx.bootstrap_scripts[role], mode=0o700)
+    await conn.put(layout.BOOTSTRAP_SCRIPT, ctx.bootstrap_script(role, snap), mode=0o700)
     result = await conn.run(
         f"bash {layout.BOOTSTRAP_SCRIPT}", check=False, timeout=ctx.settings.timeouts["bootstrap"]
     )

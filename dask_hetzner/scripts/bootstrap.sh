@@ -2,6 +2,7 @@
 # dask-hetzner bootstrap: builds ~/.dask-hetzner/env with uv; safe to re-run.
 # A template: dask_hetzner/environment.py (bootstrap_script) replaces the @INPUTS@ line with
 # the inputs (REMOTE_DIR, ROLE, HASH, UV_VERSION, PYTHON_VERSION, INDEX_URL, REQUIREMENTS,
+# APT_PACKAGES, SETUP_COMMANDS, LOCAL_WHEELS,
 # REPORT_NAMES, PINS and the Python helpers FETCH_UV_PY, REPORT_PY, COMPARE_PY).
 set -Eeuo pipefail
 umask 022
@@ -51,6 +52,19 @@ if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$HASH" ] \
 fi
 rm -f "$MARKER"
 
+# 0. system setup (apt_packages, setup_commands), as root, before the environment
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${APT_PACKAGES[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+fi
+if [ -n "$SETUP_COMMANDS" ]; then
+    echo "running setup_commands"
+    (cd "$HOME" && bash -Eeuo pipefail -c "$SETUP_COMMANDS") || {
+        echo "error: a setup command failed (status $?)"; exit 1; }
+fi
+
 # 1. uv, at the pinned version, from the package index
 if [ -x "$UV" ] && [ "$("$UV" --version 2>/dev/null | cut -d' ' -f2)" = "$UV_VERSION" ]; then
     echo "uv $UV_VERSION present"
@@ -71,7 +85,7 @@ rm -rf -- "$ENV_DIR"
 
 # 3. the pinned requirements (hard links from uv's cache where the file system allows)
 "$UV" pip install --no-config --python "$ENV_DIR/bin/python" --link-mode hardlink \
-    "${INDEX_ARGS[@]}" "${REQUIREMENTS[@]}"
+    "${INDEX_ARGS[@]}" "${REQUIREMENTS[@]}" "${LOCAL_WHEELS[@]}"
 
 # 4. verify: the environment reports its versions, which must equal the pins
 "$ENV_DIR/bin/python" -c "$REPORT_PY" "$REPORT_NAMES" >"$VERSIONS.tmp"

@@ -182,3 +182,25 @@ def test_bad_job_input_is_refused_before_anything_exists(sim, tmp_path, monkeypa
             HetznerCluster(workers=1, name="badjob", packages=[spec])
         assert spec.split("==")[0] in str(info.value)
     assert servers_of(sim, "badjob") == []
+
+
+def test_system_setup_runs_before_the_environment_and_a_failure_rolls_back(sim, caplog):
+    marker = "setup-" + secrets.token_hex(4)
+    with HetznerCluster(
+        workers=0, name="setup1", apt_packages=["libgomp1"],
+        setup_commands=[f"echo {marker} >> setup-ran.txt", "test -w /tmp"],
+    ) as cluster:  # fmt: skip
+        server = cluster.scheduler.server
+        home = sim.hosts.directory(server.id)
+        # The simulator's apt shim records what Hetzner's Ubuntu would install.
+        shims = (home / ".sim" / "shims.log").read_text()
+        assert "apt-get install -y -q --no-install-recommends libgomp1" in shims
+        assert (home / "setup-ran.txt").read_text() == f"{marker}\n"
+        # Idempotent: the same inputs again change nothing (the bootstrap's marker).
+        conn = cluster.scheduler.prepared.conn
+        cluster.sync(conn.run, "bash .dask-hetzner/bootstrap.sh", timeout=120)
+        assert (home / "setup-ran.txt").read_text() == f"{marker}\n"
+    with pytest.raises(Exception, match=r"(?s)setup-about-to-fail.*a setup command failed") as info:
+        HetznerCluster(workers=1, name="setup2", setup_commands=["echo setup-about-to-fail; exit 7"])
+    assert "bootstrap of server setup2-" in str(info.value)
+    assert servers_of(sim, "setup2") == []

@@ -1,0 +1,46 @@
+"""The Hetzner Cloud API, asynchronously: ``Cloud`` and what it returns and raises.
+
+Only ``sdk.py`` (the SDK adapter) imports ``hcloud``; ``client.py`` says how the layers fit.
+"""
+
+from __future__ import annotations
+
+from .client import Cloud
+from .errors import ActionFailed, CloudError, ConfigError, token_refused
+from .model import (
+    LABEL_CLUSTER,
+    LABEL_ROLE,
+    LABEL_WORKER,
+    ClusterResources,
+    LocationInfo,
+    NewServer,
+    ResourceInfo,
+    ServerInfo,
+    ServerTypeInfo,
+    selector,
+)
+from .retry import TRANSIENT_CODES, TRANSIENT_STATUSES, RateLimit
+from .watcher import LAZY_POLLS, ServerWatcher
+
+__all__ = [
+    "LABEL_CLUSTER",
+    "LABEL_ROLE",
+    "LABEL_WORKER",
+    "LAZY_POLLS",
+    "TRANSIENT_CODES",
+    "TRANSIENT_STATUSES",
+    "ActionFailed",
+    "Cloud",
+    "CloudError",
+    "ClusterResources",
+    "ConfigError",
+    "LocationInfo",
+    "NewServer",
+    "RateLimit",
+    "ResourceInfo",
+    "ServerInfo",
+    "ServerTypeInfo",
+    "ServerWatcher",
+    "selector",
+    "token_refused",
+]

@@ -1,0 +1,87 @@
+"""What can be ordered: server types (with their prices and availability), locations, images.
+
+Server types and locations are read once per client, on first use; prices are then at hand
+without a request (``cached_server_types``, ``ServerTypeInfo.price``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from .errors import ConfigError
+from .model import LocationInfo, ServerTypeInfo
+from .retry import Retry
+
+
+class Catalog:
+    def __init__(self, retry: Retry) -> None:
+        self.retry = retry
+        self.sdk = retry.sdk
+        self._lock = asyncio.Lock()
+        self._types: dict[str, ServerTypeInfo] | None = None
+        self._locations: dict[str, LocationInfo] | None = None
+
+    async def _load(self) -> None:
+        async with self._lock:
+            if self._types is not None:
+                return
+            types, locations = await asyncio.gather(
+                self.retry.call("listing server types", self.sdk.server_types),
+                self.retry.call("listing locations", self.sdk.locations),
+            )
+            self._locations = locations
+            self._types = types
+
+    def cached_server_types(self) -> dict[str, ServerTypeInfo] | None:
+        """The server types if already read (no request); None before."""
+        return self._types
+
+    async def server_types(self) -> dict[str, ServerTypeInfo]:
+        await self._load()
+        assert self._types is not None
+        return self._types
+
+    async def locations(self) -> dict[str, LocationInfo]:
+        await self._load()
+        assert self._locations is not None
+        return self._locations
+
+    async def check_choices(self, types: Iterable[str], location: str, image: str) -> None:
+        """Raise ConfigError, listing the valid choices, for an unknown type, location or image."""
+        locations = await self.locations()
+        if location not in locations:
+            raise ConfigError(
+                f"unknown location {location!r}; valid locations: {', '.join(sorted(locations))}"
+            )
+        catalog = await self.server_types()
+        for name in set(types):
+            info = catalog.get(name)
+            orderable = sorted(n for n, t in catalog.items() if location in t.available)
+            if info is None:
+                raise ConfigError(
+                    f"unknown server type {name!r}; types orderable in {location}: "
+                    + ", ".join(orderable)
+                )
+            if location not in info.available:
+                raise ConfigError(
+                    f"server type {name!r} cannot be ordered in {location}"
+                    f"{' (deprecated)' if info.deprecated else ''}; types orderable there: "
+                    + ", ".join(orderable)
+                )
+        for arch in {catalog[name].architecture for name in set(types)}:
+            await self.image_id(image, arch)
+
+    async def image_id(self, name: str, architecture: str) -> int:
+        ids = await self.retry.call(
+            f"looking up image {name}", self.sdk.image_ids, name, architecture
+        )
+        if not ids:
+            available = await self.retry.call(
+                "listing images", self.sdk.system_image_names, architecture
+            )
+            raise ConfigError(
+                f"unknown image {name!r} for {architecture}; valid images: "
+                + ", ".join(sorted(set(available)))
+            )
+        return ids[0]

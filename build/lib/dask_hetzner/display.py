@@ -1,0 +1,83 @@
+"""What users look at: the cluster's text repr and the servers section of its HTML repr."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Mapping
+
+from . import cost
+from .cloud import ServerInfo, ServerTypeInfo
+from .settings import ClusterSettings
+
+COLUMNS = ["name", "role", "type", "location", "status", "ip", "private ip", "EUR/h"]
+
+
+def text(name: str, workers: int, location: str, hourly: float, limit: float | None, status: str) -> str:
+    maximum = f" (max {limit:.4f})" if limit is not None else ""
+    return (
+        f"HetznerCluster({name!r}, workers={workers}, location={location!r}, "
+        f"{hourly:.4f} EUR/h{maximum}, status={status})"
+    )
+
+
+def server_rows(
+    servers: Iterable[ServerInfo], latest: Mapping[int, ServerInfo], types: Mapping[str, ServerTypeInfo] | None
+) -> list[dict[str, str]]:
+    """One row a server, the scheduler first; ``latest``: fresher statuses by server id."""
+    rows = []
+    for known in sorted(servers, key=lambda s: (s.role != "scheduler", s.name)):
+        s = latest.get(known.id, known)
+        price = cost.server_price(s, types)
+        rows.append(
+            {
+                "name": s.name,
+                "role": s.role or "",
+                "type": s.server_type,
+                "location": s.location,
+                "status": s.status,
+                "ip": s.public_ip or "",
+                "private ip": s.private_ip or "",
+                "EUR/h": f"{price:.4f}" if price is not None else "?",
+            }
+        )
+    return rows
+
+
+def _kinds(used: list[str], types: Mapping[str, ServerTypeInfo], location: str) -> str:
+    e = html.escape
+    return "; ".join(
+        f"{e(t)}: {types[t].cores} vCPU, {types[t].memory_gb:g} GB, "
+        f"{types[t].hourly.get(location, 0.0):.4f} EUR/h in {e(location)}"
+        if t in types
+        else e(t)
+        for t in used
+    )
+
+
+def html_section(
+    s: ClusterSettings,
+    rows: list[dict[str, str]],
+    types: Mapping[str, ServerTypeInfo] | None,
+    hourly: float,
+) -> str:
+    """Rows for dask's cluster widget: cost, location, idle timeout, server types, servers."""
+    e = html.escape
+    cost_text = f"{hourly:.4f} EUR/h"
+    if s.max_hourly_cost is not None:
+        cost_text += f" (max {s.max_hourly_cost:.4f} EUR/h)"
+    used = sorted({r["type"] for r in rows} | {s.scheduler_server_type, s.worker_server_type})
+    head = "".join(f'<th style="text-align: left;">{e(c)}</th>' for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f'<td style="text-align: left;">{e(r[c])}</td>' for c in COLUMNS) + "</tr>"
+        for r in rows
+    )
+    idle_text = f"{s.idle_timeout:g} s" if s.idle_timeout is not None else "off"
+    return (
+        f'<tr><td style="text-align: left;"><strong>Hourly cost:</strong> {e(cost_text)}</td>'
+        f'<td style="text-align: left;"><strong>Location:</strong> {e(s.location)}'
+        f" &middot; <strong>Idle timeout:</strong> {e(idle_text)}</td></tr>"
+        f'<tr><td colspan="2" style="text-align: left;"><strong>Server types:</strong> '
+        f"{_kinds(used, types or {}, s.location)}</td></tr>"
+        f'<tr><td colspan="2"><table class="dask-hetzner-servers" style="width: 100%;">'
+        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></td></tr>"
+    )

@@ -1,0 +1,396 @@
+"""The cluster's life as ``SpecCluster`` drives it: start, rollback, close, reattach, repair.
+
+``HetznerCluster`` (cluster.py) is the public face; this base class holds how it plugs into
+``SpecCluster``'s private lifecycle. Overrides of SpecCluster's and Cluster's private
+members are together at the end, each with a line saying why it is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from typing import Any
+
+import dask.config
+import dask.utils
+from distributed.core import Status, rpc
+from distributed.deploy.cluster import Cluster
+from distributed.deploy.spec import SpecCluster
+from distributed.objects import SchedulerInfo
+from distributed.utils import Log, Logs
+
+from . import __version__, cost, manage, reattach
+from .attach import AttachedScheduler, AttachedWorker, Attachment
+from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
+from .nodes import SchedulerServer, user_options
+from .provision.context import ClusterContext
+from .provision.tasks import Provisioner
+from .settings import ClusterSettings, check_same_zone, check_size
+from .state import ClusterState
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterLifecycle(SpecCluster):
+    """What HetznerCluster sets in its constructor, and the lifecycle built on it."""
+
+    _ctx: ClusterContext
+    _provisioner: Provisioner
+    _state: ClusterState
+    _attach: Attachment | None
+    _detached: bool  # closing only disconnects (reattaching, or after detach())
+    _touched: bool  # this process created something: a failure rolls it back
+    _initial_pending: bool  # the initial workers' start is still to come
+    _teardown_task: asyncio.Future[None] | None
+    # Set when the scheduler's status stream ends while this object lives.
+    _scheduler_gone = False
+    _resubscribing: asyncio.Future[Any] | None = None
+
+    @property
+    def settings(self) -> ClusterSettings:
+        """The cluster's settings, as built from the arguments and ``hetzner.*``."""
+        return self._ctx.settings
+
+    @property
+    def _scheduler_rpc(self) -> rpc:
+        """``scheduler_comm``, which Cluster types Optional: None only before the start made it."""
+        comm = self.scheduler_comm
+        if comm is None:
+            raise RuntimeError(f"cluster {self.name}: not connected to its scheduler yet")
+        return comm
+
+    @property
+    def max_workers(self) -> int | None:
+        """The most workers ``max_hourly_cost`` allows (None: no limit, or prices not read yet)."""
+        return cost.max_workers(self.settings, self._server_types)
+
+    @property
+    def _server_types(self) -> dict[str, ServerTypeInfo] | None:
+        """The API's server types and prices, once read (no request here)."""
+        return self._ctx.cloud.cached_server_types()
+
+    async def _check(self) -> None:
+        """Every user choice checked against the API before anything is created."""
+        s, cloud = self.settings, self._ctx.cloud
+        await cloud.check_token()
+        await cloud.check_choices([s.scheduler_server_type, s.worker_server_type], s.location, s.image)
+        check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
+        check_size(len(self.worker_spec), "starting the cluster")
+        cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
+        adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
+        if adaptive is not None and cap is not None and adaptive.maximum > cap:
+            # adapt() called before the prices were read: cap it now, before it scales.
+            adaptive.maximum = cap
+        types = await cloud.server_types()
+        # The packages resolved for the servers' platforms: a bad one is named now, not in a bootstrap.
+        await self._ctx.payload.check({types[t].architecture for t in (s.scheduler_server_type, s.worker_server_type)})
+        if len(await cloud.cluster_resources(s.name)):
+            raise ConfigError(
+                f"a cluster named {s.name!r} already exists in this project "
+                "(reattach with HetznerCluster.from_name or delete it with dask-hetzner nuke)"
+            )
+
+    async def _teardown(self) -> None:
+        """Delete everything of this cluster once, however many callers ask."""
+        if not self._touched:
+            self._ctx.cloud.close()
+            return
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.ensure_future(self._delete_everything())
+        try:
+            await asyncio.shield(self._teardown_task)
+        finally:
+            self._ctx.cloud.close()
+
+    async def _delete_everything(self) -> None:
+        await self._provisioner.teardown()
+        # Only once the API confirmed: until then the state is what finds and reaches it.
+        self._ctx.pins.follow(None)
+        await asyncio.to_thread(self._state.remove)
+
+    async def _say_goodbye(self) -> None:
+        """A scheduler that is gone (its server vanished) must not hold the close for a
+        connect timeout per call: ask once, briefly; not at all while its tunnel is down
+        (every server is deleted next: a graceful goodbye is not worth the wait)."""
+        tunnel = getattr(self.scheduler, "tunnel", None)
+        try:
+            if self.settings.connect == "tunnel" and tunnel is not None and not tunnel.up:
+                raise ConnectionError("its SSH tunnel is down")
+            await asyncio.wait_for(self._scheduler_rpc.identity(), 10)
+        except Exception as e:
+            logger.warning("cluster %s: the scheduler does not answer (%r); deleting", self.name, e)
+            self._scheduler_gone = True
+            self._scheduler_rpc.timeout = 1
+
+    async def _disconnect(self) -> None:
+        """Close this process's side (tunnel, SSH, API client) and leave every server running."""
+        if self.status == Status.closed:
+            return
+        self.status = Status.closing  # the scheduler's stream ending now is expected
+        adaptive = getattr(self, "_adaptive", None)
+        if adaptive is not None:
+            adaptive.stop()
+        # Servers still being created for this process are not part of the cluster yet.
+        await self._provisioner.cancel_all()
+        self._ctx.watcher.stop()
+        if isinstance(self.scheduler, SchedulerServer):
+            await self.scheduler.disconnect()
+        await Cluster._close(self)  # comms and callbacks; not SpecCluster's, which deletes
+        self._close_exit_stack()
+        self._ctx.cloud.close()
+
+    def _client_security(self) -> Any:
+        from distributed import Security
+
+        st = self._state
+        # Paths into the state directory, not PEM contents: distributed would otherwise write a
+        # temporary copy for every TLS context. The files exist before the first connection
+        # (written by _start, or already there when reattaching).
+        return Security(
+            require_encryption=True,
+            tls_ca_file=str(st.ca_cert),
+            tls_client_cert=str(st.client_cert),
+            tls_client_key=str(st.client_key),
+        )
+
+    async def _write_state(self) -> None:
+        """Keys and ``cluster.json`` (never the token): what another process needs to reattach."""
+        ctx = self._ctx
+        metadata = {
+            **self.settings.metadata(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "endpoint": ctx.cloud.endpoint,
+            "versions": ctx.versions,
+            "dask_hetzner_version": __version__,
+        }
+        await asyncio.to_thread(self._state.create, metadata, ctx.keys.secrets())
+        ctx.pins.follow(self._state)
+
+    async def _start_attached(self) -> None:
+        """The servers the API lists become this cluster's scheduler and workers."""
+        try:
+            adopted = await reattach.adopt(self._ctx, self._state)
+            for worker_name, server in adopted.workers.items():
+                options = {**self.new_spec["options"], "server": server}
+                options["host_key"] = adopted.host_keys.get(server.name, "")
+                self.worker_spec[worker_name] = {"cls": AttachedWorker, "options": options}
+            self._i = adopted.next_number
+            # Created here, not by SpecCluster._start, so its errors reach the caller unwrapped.
+            scheduler = AttachedScheduler(
+                server=adopted.scheduler,
+                host_key=adopted.host_keys[adopted.scheduler.name],
+                **self.scheduler_spec["options"],
+            )
+            self.scheduler = await scheduler
+            await super()._start()
+        except BaseException:
+            await asyncio.shield(self._disconnect())
+            raise
+        # Ours now: closing deletes it, as on the original.
+        self._detached = False
+        self._touched = True
+
+    # Overrides of SpecCluster's and Cluster's private members ----------------------------------
+    # SpecCluster has no public hooks for these; each says why it is needed.
+
+    async def _start(self) -> None:
+        # Check and create the shared resources first, and provision the initial workers
+        # alongside the scheduler; roll everything back on any failure.
+        if self.status != Status.created:
+            return await super()._start()
+        if self._attach is not None:
+            return await self._start_attached()
+        try:
+            await self._check()
+            self._touched = True
+            await self._write_state()
+            await self._ctx.shared.setup()
+            # Workers' servers are created and bootstrapped while the scheduler starts.
+            self._provisioner.prestart("scheduler", "scheduler", {})
+            for worker_name, spec in self.worker_spec.items():
+                self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
+            await super()._start()
+        except BaseException:
+            self.status = Status.failed
+            await asyncio.shield(self._teardown())
+            raise
+
+
+    async def _close(self) -> None:
+        # A detached cluster only disconnects; else every server is deleted at once.
+        if self._detached:
+            return await self._disconnect()
+        if not hasattr(self, "_lock"):
+            # SpecCluster never started (a failed check or setup, already rolled back by
+            # _start): its _close would fail; only this process's side is left to close.
+            return await self._disconnect()
+        # Nodes then delete without waiting one by one: teardown waits for all at once.
+        self._ctx.factory.begin_closing()
+        if self._resubscribing is not None and not self._resubscribing.done():
+            self._resubscribing.cancel()  # the scheduler stream is being closed anyway
+        if self.status == Status.running and not self._scheduler_gone and self.scheduler_comm:
+            await self._say_goodbye()
+        try:
+            await super()._close()
+        finally:
+            await asyncio.shield(self._teardown())
+
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        # SpecCluster names new workers by their number alone; ours are "worker-N" (labels,
+        # server names "<cluster>-worker-N" and reattaching rely on it).
+        return f"worker-{worker_number}"
+
+    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: Any = True) -> Logs:
+        """The cluster manager's log, and each server's dask and bootstrap logs (over SSH).
+
+        Cluster's own reads only the scheduler's and workers' logs through dask; ours are on
+        the servers, next to their bootstrap logs.
+
+        Keys: ``Cluster``, ``scheduler``, ``scheduler bootstrap``, ``worker-N``,
+        ``worker-N bootstrap``. ``workers``: True, False, or worker names or addresses.
+        """
+        logs = Logs()
+        if cluster:
+            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+        servers = list(self._ctx.servers.values())
+        targets = [s for s in servers if scheduler and s.role == "scheduler"]
+        if workers:
+            known = self.scheduler_info.get("workers", {})
+            wanted = None if workers is True else {str(known[w]["name"]) if w in known else str(w) for w in workers}
+            targets += [
+                s for s in servers if s.role == "worker" and (wanted is None or s.labels.get(LABEL_WORKER) in wanted)
+            ]
+
+        def connect(host: str, host_key: str) -> Any:
+            return self._ctx.ssh(host, host_key, retry_for=15)
+
+        fetched = await manage.node_logs(connect, targets, dict(self._ctx.pins.keys))
+        for key, text in fetched.items():
+            logs[key] = Log(text)
+        return logs
+
+    def _close_exit_stack(self) -> None:
+        # SpecCluster keeps its exit stack private; disconnecting must close it without
+        # SpecCluster._close (which would delete every server).
+        exit_stack = getattr(self, "_SpecCluster__exit_stack", None)
+        if exit_stack is not None:
+            exit_stack.__exit__(None, None, None)
+
+    async def _correct_state_internal(self) -> None:
+        # Retire by name (SpecCluster retires by address, with our names: nobody), skip the
+        # retirement when the scheduler is gone, and fail only the initial start on a failure.
+        to_close = set(self.workers) - set(self.worker_spec)
+        if to_close and await self._retire(to_close):
+            # No scheduler to retire them with (idle shutdown, or it died): just delete them.
+            await asyncio.gather(*(self.workers[w].close() for w in to_close if w in self.workers))
+            for w in to_close:
+                self.workers.pop(w, None)
+        initial, self._initial_pending = self._initial_pending, False
+        try:
+            await super()._correct_state_internal()
+            if initial and self._ctx.idle is not None:
+                await self._idle_started()
+        except Exception as e:
+            # The initial workers failing fails the start (and rolls back everything).
+            if initial or self.status != Status.running:
+                raise
+            self._drop_failed_workers(e)
+
+    async def _retire(self, names: set[str]) -> bool:
+        """Retire workers by name so the scheduler moves their data first; True when the
+        scheduler cannot be asked (their servers are deleted without it)."""
+        # Closing deletes every server: moving data among them first would be wasted time.
+        if self._scheduler_gone or self._ctx.factory.closing:
+            return True
+        if self.scheduler is None or self.scheduler.status != Status.running:
+            return False
+        try:
+            await self._scheduler_rpc.retire_workers(names=sorted(names))
+        except OSError as e:
+            logger.warning(
+                "cluster %s: the scheduler is unreachable (%r): deleting workers %s without moving their data",
+                self.name, e, sorted(names),
+            )  # fmt: skip
+            return True
+        return False
+
+    def _drop_failed_workers(self, e: Exception) -> None:
+        # A worker that failed to start after the cluster was up: its node deleted its
+        # server; drop it from the plan instead of retrying it forever.
+        failed = [n for n, w in self.workers.items() if w.status != Status.running]
+        for n in failed:
+            w = self.workers.pop(n, None)
+            if w is not None and w.status == Status.created:
+                w.status = Status.failed  # SpecCluster's close checks every node it made
+            self.worker_spec.pop(n, None)
+        logger.error("cluster %s: workers %s failed to start: %s", self.name, failed, e)
+
+    async def _idle_started(self) -> None:
+        """Tell the scheduler's idle watch that the start is over: idleness counts from now."""
+        try:
+            await asyncio.wait_for(self._scheduler_rpc.dask_hetzner_idle(action="started"), 30)
+        except Exception as e:
+            # Not fatal: the start grace ends by itself, only later.
+            logger.warning("cluster %s: telling the idle watch the start is over failed: %r", self.name, e)
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        # SpecCluster drops a lost worker after lost-worker-timeout; then start its successor.
+        super()._update_worker_status(op, msg)
+        if op == "remove" and self.status == Status.running:
+            delay = dask.utils.parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+            asyncio.get_running_loop().call_later(delay + 0.5, self._replace_lost)
+
+    async def _watch_worker_status(self, comm: Any) -> None:
+        # The stream ends when the scheduler stops (idle shutdown, a crash) or only the SSH
+        # tunnel dropped and reconnected: ask before concluding, and resubscribe if it answers.
+        while True:
+            await super()._watch_worker_status(comm)
+            if self.status != Status.running:
+                return  # closing: the stream was closed on purpose
+            # A close meanwhile cancels the question (Cluster._close waits for this task).
+            self._resubscribing = probe = asyncio.ensure_future(self._resubscribe())
+            await asyncio.wait({probe})
+            if probe.cancelled():
+                return
+            try:
+                comm, info = probe.result()
+            except Exception as e:
+                self._scheduler_gone = True
+                self._scheduler_rpc.timeout = 5  # nothing answers there any more: fail fast
+                logger.warning(
+                    "cluster %s: the scheduler went away (idle shutdown, or it stopped: %r); "
+                    "lost workers are not replaced, close this cluster object",
+                    self.name, e,
+                )  # fmt: skip
+                return
+            self.scheduler_info = SchedulerInfo(info)
+            self._watch_worker_status_comm = comm
+
+    async def _resubscribe(self) -> tuple[Any, Any]:
+        await asyncio.wait_for(self._scheduler_rpc.identity(), 30)
+        comm = await asyncio.wait_for(self._scheduler_rpc.live_comm(), 30)
+        comm.name = "Cluster worker status"
+        await comm.write({"op": "subscribe_worker_status"})
+        return comm, await asyncio.wait_for(comm.read(), 30)
+
+    def _replace_lost(self) -> None:
+        if self.status == Status.running and not self._scheduler_gone and set(self.worker_spec) - set(self.workers):
+            asyncio.ensure_future(self._replace_lost_if_scheduler_alive())
+
+    async def _replace_lost_if_scheduler_alive(self) -> None:
+        # A scheduler that stopped itself (idle shutdown) reports its workers lost first:
+        # replacing them would create servers its watchdog is deleting.
+        try:
+            await asyncio.wait_for(self._scheduler_rpc.identity(), 30)
+        except Exception as e:
+            logger.warning("cluster %s: scheduler unreachable (%r): lost workers not replaced", self.name, e)
+            return
+        # The lost workers' closes (SpecCluster's timer) delete their servers: a successor
+        # of the same name is created once they are gone.
+        pending = [f for f in self._futures if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.timeouts["close"])  # close_timeout
+        if self.status == Status.running and not self._scheduler_gone:
+            self._correct_state()

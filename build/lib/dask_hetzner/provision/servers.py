@@ -1,0 +1,328 @@
+"""Creating one server, reaching it over SSH, and deleting it again.
+
+A server is up when its sshd answers with the pinned host key, whatever the last status
+poll said: SSH is tried from the moment the API answers the create. One lazy poller for
+the whole cluster (``ServerWatcher``) only confirms servers: it catches a failed create and
+brings the private IP, which the API shows once ``attach_to_network`` has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import remote
+from ..aio import cancelled
+from ..cloud import (
+    LABEL_WORKER,
+    ActionFailed,
+    Cloud,
+    CloudError,
+    NewServer,
+    ServerInfo,
+    ServerWatcher,
+)
+from ..settings import ClusterSettings
+from .pins import HostKeyPins
+from .shared import SharedResources
+
+logger = logging.getLogger(__name__)
+
+
+class Login:
+    """Log in as root with the cluster's key, trusting only the pinned host key."""
+
+    def __init__(self, port: int, private_key: str, ssh_timeout: float) -> None:
+        self.port = port
+        self._private_key = private_key
+        self._ssh_timeout = ssh_timeout
+
+    def __repr__(self) -> str:  # never the key
+        return f"<Login root@*:{self.port}>"
+
+    async def __call__(
+        self,
+        host: str,
+        host_key: str,
+        *,
+        retry_for: float | None = None,
+        probe_interval: float | None = None,
+    ) -> remote.Remote:
+        return await remote.connect(
+            host,
+            port=self.port,
+            client_key=self._private_key,
+            host_key=host_key,
+            timeout=30.0,
+            retry_until=self._ssh_timeout if retry_for is None else retry_for,
+            probe_interval=probe_interval,
+        )
+
+
+@dataclass
+class Reached:
+    """A server being created whose SSH login worked (see ``ServerFactory.create_reachable``)."""
+
+    server: ServerInfo  # as the create answered: no private IP yet
+    conn: remote.Remote
+    _located: asyncio.Future[ServerInfo]
+    _watcher: ServerWatcher
+
+    async def located(self, *, hurry: bool = True) -> ServerInfo:
+        """The API's view of it, running and with its private IP; with ``hurry``, a lazy
+        poll that has not brought it yet is asked for now."""
+        if hurry:
+            self.hurry()
+        return await asyncio.shield(self._located)
+
+    def hurry(self) -> None:
+        if not self._located.done():
+            self._watcher.hurry(self.server.id)
+
+    async def abandon(self) -> None:
+        await cancelled(self._located)
+
+
+class ServerFactory:
+    """Creates, reaches and deletes this cluster's servers; knows which exist."""
+
+    def __init__(
+        self,
+        cloud: Cloud,
+        settings: ClusterSettings,
+        shared: SharedResources,
+        watcher: ServerWatcher,
+        pins: HostKeyPins,
+        login: Login,
+    ) -> None:
+        self.cloud = cloud
+        self.settings = settings
+        self.shared = shared
+        self.watcher = watcher
+        self.pins = pins
+        self.login = login
+        self.servers: dict[str, ServerInfo] = {}  # server name -> what the API said last
+        self._sold_out: set[tuple[str, str]] = set()  # (server type, location) that said 412
+        # Servers whose delete was sent: a new server of the same name (a lost worker's
+        # successor) must wait for them, not adopt them after a 409.
+        self._deleted: set[int] = set()
+        self._confirming: set[asyncio.Future[None]] = set()  # deletions confirmed in the background
+        # The whole cluster is being deleted: retired servers need no confirmation one by one.
+        self.closing = False
+
+    def begin_closing(self) -> None:
+        """The whole cluster is being deleted: teardown confirms every deletion at once."""
+        self.closing = True
+
+    def record(self, server: ServerInfo) -> None:
+        """The API's latest view of one of this cluster's servers."""
+        self.servers[server.name] = server
+
+    def _locations(self, server_type: str) -> list[str]:
+        # A type sold out in a location stays so for a while: later servers go elsewhere first.
+        preferred = self.settings.locations
+        first = [x for x in preferred if (server_type, x) not in self._sold_out]
+        return first + [x for x in preferred if x not in first]
+
+    async def create(
+        self, *, name: str, server_type: str, user_data: str, labels: dict[str, str]
+    ) -> ServerInfo:
+        """POST one server: in the location, else a same-zone fallback; a new placement group
+        when one is full."""
+        assert self.shared.ready, "the shared resources are not created yet"
+        locations = self._locations(server_type)
+        last: CloudError | None = None
+        for location in locations:
+            for _ in range(3):
+                group = await self.shared.group_for(name)
+                try:
+                    server = await self._post(name, server_type, location, group, user_data, labels)
+                except CloudError as e:
+                    self.shared.release(name)
+                    last = e
+                    if e.code == "placement_error":
+                        # Full (or out of spread capacity): next time use another group.
+                        self.shared.mark_full(group)
+                        continue
+                    if e.code == "resource_unavailable":
+                        self._sold_out.add((server_type, location))
+                        break
+                    raise
+                except BaseException:
+                    self.shared.release(name)
+                    raise
+                self._sold_out.discard((server_type, location))
+                self.record(server)
+                return server
+        assert last is not None
+        raise self._nothing_fits(name, server_type, locations, last)
+
+    async def _post(
+        self, name: str, server_type: str, location: str, group: int, user_data: str, labels: dict[str, str]
+    ) -> ServerInfo:
+        shared = self.shared
+        assert shared.ssh_key_id and shared.network_id and shared.firewall_id
+        return await self.cloud.create_server(
+            NewServer(
+                name=name,
+                server_type=server_type,
+                image=self.settings.image,
+                location=location,
+                ssh_key_id=shared.ssh_key_id,
+                network_id=shared.network_id,
+                firewall_id=shared.firewall_id,
+                placement_group_id=group,
+                user_data=user_data,
+                labels=labels,
+            )
+        )
+
+    def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
+        if last.code != "resource_unavailable":
+            return last
+        hint = "" if self.settings.fallback_locations else " (set fallback_locations to try others)"
+        return CloudError(
+            f"creating server {name}: server type {server_type} is unavailable in {', '.join(tried)}{hint}",
+            last.code,
+            last.api_message,
+        )
+
+    async def create_reachable(
+        self,
+        *,
+        name: str,
+        server_type: str,
+        user_data: str,
+        labels: dict[str, str],
+        host_key: str,
+        on_created: Callable[[ServerInfo], Awaitable[None]] | None = None,
+    ) -> Reached:
+        """Create a server and log in over SSH once it is up; on any failure delete it.
+
+        A create action that ends in error leaves a server that will never run
+        (docs/simulator.md, fault ``action_error``): it is deleted and the server created once
+        more before giving up. ``on_created`` runs once the API has answered the create.
+        """
+        for attempt in (1, 2):
+            server = await self._create_anew(name, server_type, user_data, labels)
+            what = f"creating server {name} ({server_type} in {server.location})"
+            located = asyncio.ensure_future(self._located(server, what))
+            try:
+                if on_created is not None:
+                    await on_created(server)
+                conn = await self._reach(server, host_key, located)
+                return Reached(server, conn, located, self.watcher)
+            except ActionFailed as e:
+                # Shielded: a Ctrl-C now must not leave the broken server behind.
+                await asyncio.shield(self.delete(server, wait=True))
+                if attempt == 2:
+                    raise ActionFailed(
+                        what, e.code, f"{e.api_message}; its create action failed twice"
+                    ) from None
+                logger.warning("%s: create action failed (%s); trying a new server", what, e.code)
+            except BaseException:
+                await cancelled(located)
+                await asyncio.shield(self.delete(server, wait=True))
+                raise
+        raise AssertionError("unreachable")
+
+    async def _create_anew(
+        self, name: str, server_type: str, user_data: str, labels: dict[str, str]
+    ) -> ServerInfo:
+        server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+        while server.id in self._deleted:
+            # "Adopted" the predecessor being deleted: let it go, then create anew.
+            await self.watcher.wait_gone(
+                server.id, timeout=self.settings.timeouts["close"], worker=labels.get(LABEL_WORKER)
+            )
+            server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+        return server
+
+    def _located(self, server: ServerInfo, what: str) -> Awaitable[ServerInfo]:
+        return self.watcher.wait(
+            server.id,
+            {"running"},
+            timeout=self.settings.timeouts["server-create"],
+            what=what,
+            action_id=server.action_id,
+            worker=server.labels.get(LABEL_WORKER),
+            lazy=True,
+            private_ip=True,
+        )
+
+    async def _reach(
+        self, server: ServerInfo, host_key: str, located: asyncio.Future[ServerInfo]
+    ) -> remote.Remote:
+        """SSH to a server being created; bounded by server-create, then ssh once it runs."""
+        assert server.public_ip, f"server {server.name} has no public IPv4"
+        timeouts = self.settings.timeouts
+        ssh_timeout = timeouts["ssh"]
+        login = asyncio.ensure_future(
+            self.login(
+                server.public_ip,
+                host_key,
+                retry_for=timeouts["server-create"] + ssh_timeout,
+                probe_interval=self.watcher.interval,
+            )
+        )
+        where = f"server {server.name} ({server.location})"  # not only its address
+        try:
+            racers: set[asyncio.Future[Any]] = {login, located}  # of different result types
+            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+            if not login.done():
+                located.result()  # the create failed (or timed out): raise that
+                # It runs: from now on, SSH has its own bound.
+                try:
+                    await asyncio.wait_for(asyncio.shield(login), ssh_timeout)
+                except asyncio.TimeoutError:
+                    raise remote.SSHTimeout(
+                        f"{where}: SSH on {server.public_ip}:{self.login.port} not reachable after "
+                        f"{ssh_timeout:g} s of running"
+                    ) from None
+            try:
+                return login.result()
+            except remote.SSHTimeout as e:
+                raise remote.SSHTimeout(f"{where}: {e}") from e
+        finally:
+            if not login.done():
+                await cancelled(login)
+
+    async def delete(self, server: ServerInfo, *, wait: bool = True) -> None:
+        self._deleted.add(server.id)
+        self.shared.release(server.name)
+        self.servers.pop(server.name, None)
+        await self.cloud.delete_server(server.id)
+        await self.pins.forget(server)
+        if wait:
+            await self.watcher.wait_gone(
+                server.id, timeout=self.settings.timeouts["close"], worker=server.labels.get(LABEL_WORKER)
+            )
+        elif not self.closing:
+            # Nobody waits for it (a retired worker): a lazy poll still sees it go.
+            task = asyncio.ensure_future(self._confirm_gone(server))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+
+    async def _confirm_gone(self, server: ServerInfo) -> None:
+        worker = server.labels.get(LABEL_WORKER)
+        timeout = self.settings.timeouts["close"]
+        try:
+            await self.watcher.wait_gone(server.id, timeout=timeout, worker=worker, lazy=True)
+        except TimeoutError:
+            # A delete action that failed: the server would be billed until the cluster closes.
+            logger.warning("server %s still exists %.0f s after its delete: deleting it again", server.name, timeout)
+            await self.cloud.delete_server(server.id)
+        except Exception as e:
+            logger.warning("confirming the deletion of server %s: %s", server.name, e)
+
+    def forget_all(self) -> None:
+        """Teardown confirmed that every server of the cluster is gone."""
+        self.servers.clear()
+
+    async def stop_confirming(self) -> None:
+        """Teardown lists and deletes everything anyway: the background confirmations stop."""
+        for task in list(self._confirming):
+            await cancelled(task)

@@ -1,0 +1,112 @@
+#!/bin/bash
+# dask-hetzner bootstrap: builds ~/.dask-hetzner/env with uv; safe to re-run.
+# A template: dask_hetzner/environment.py (bootstrap_script) replaces the @INPUTS@ line with
+# the inputs (REMOTE_DIR, ROLE, HASH, UV_VERSION, PYTHON_VERSION, INDEX_URL, REQUIREMENTS,
+# APT_PACKAGES, SETUP_COMMANDS, LOCAL_WHEELS,
+# REPORT_NAMES, PINS and the Python helpers FETCH_UV_PY, REPORT_PY, COMPARE_PY).
+set -Eeuo pipefail
+umask 022
+
+# The inputs are only assigned in the generated script.
+# shellcheck disable=SC2154
+main() {
+# @INPUTS@
+BASE="$HOME/$REMOTE_DIR"
+LOG="$BASE/bootstrap.log"
+ENV_DIR="$BASE/env"
+UV="$BASE/bin/uv"
+MARKER="$BASE/bootstrap.done"
+VERSIONS="$BASE/versions.json"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/dask-hetzner"
+
+# The base directory also receives TLS keys: root only. (The cache may be shared: umask 022.)
+(umask 077 && mkdir -p "$BASE")
+mkdir -p "$BASE/bin" "$CACHE"
+
+# Everything (ours and the tools') goes to the log with a timestamp and to stderr; stdout
+# (fd 3) carries only the final versions JSON for the caller.
+exec 3>&1 4>&2
+exec > >(
+    while IFS= read -r line || [ -n "$line" ]; do
+        printf -v ts '%(%Y-%m-%dT%H:%M:%S%z)T' -1
+        printf '%s %s\n' "$ts" "$line" >>"$LOG"
+        printf '%s\n' "$line" >&4
+    done
+) 2>&1
+LOGGER=$!
+trap 'echo "error: status $? at line $LINENO: $BASH_COMMAND"' ERR
+trap 'finish $?' EXIT
+
+# One bootstrap at a time per server (a retried bootstrap may overlap a slow one).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$BASE/bootstrap.lock"
+    flock -w 1800 9 || { echo "error: another bootstrap holds $BASE/bootstrap.lock"; exit 1; }
+fi
+
+echo "bootstrap $ROLE ($HASH) on $(uname -n) $(uname -m)"
+if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$HASH" ] \
+        && [ -x "$ENV_DIR/bin/python" ] && [ -s "$VERSIONS" ]; then
+    echo "already bootstrapped with these inputs: nothing to do"
+    cat "$VERSIONS" >&3
+    exit 0
+fi
+rm -f "$MARKER"
+
+# 0. system setup (apt_packages, setup_commands), as root, before the environment
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${APT_PACKAGES[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+fi
+if [ -n "$SETUP_COMMANDS" ]; then
+    echo "running setup_commands"
+    (cd "$HOME" && bash -Eeuo pipefail -c "$SETUP_COMMANDS") || {
+        echo "error: a setup command failed (status $?)"; exit 1; }
+fi
+
+# 1. uv, at the pinned version, from the package index
+if [ -x "$UV" ] && [ "$("$UV" --version 2>/dev/null | cut -d' ' -f2)" = "$UV_VERSION" ]; then
+    echo "uv $UV_VERSION present"
+else
+    command -v python3 >/dev/null 2>&1 || { echo "error: python3 is needed to fetch uv"; exit 1; }
+    python3 -c "$FETCH_UV_PY" "$UV_VERSION" "$(uname -m)" "$CACHE/uv-wheels" "$UV" "$INDEX_URL"
+    found=$("$UV" --version | cut -d' ' -f2)
+    [ "$found" = "$UV_VERSION" ] || { echo "error: $UV is uv $found, not $UV_VERSION"; exit 1; }
+fi
+
+INDEX_ARGS=()
+if [ -n "$INDEX_URL" ]; then INDEX_ARGS=(--index-url "$INDEX_URL"); fi
+
+# 2. a fresh virtual environment with the client's Python major.minor
+cd "$BASE"
+rm -rf -- "$ENV_DIR"
+"$UV" venv --no-config --no-project --python "$PYTHON_VERSION" "$ENV_DIR"
+
+# 3. the pinned requirements (hard links from uv's cache where the file system allows)
+"$UV" pip install --no-config --python "$ENV_DIR/bin/python" --link-mode hardlink \
+    "${INDEX_ARGS[@]}" "${REQUIREMENTS[@]}" "${LOCAL_WHEELS[@]}"
+
+# 4. verify: the environment reports its versions, which must equal the pins
+"$ENV_DIR/bin/python" -c "$REPORT_PY" "$REPORT_NAMES" >"$VERSIONS.tmp"
+mv -f "$VERSIONS.tmp" "$VERSIONS"
+"$ENV_DIR/bin/python" -c "$COMPARE_PY" "$VERSIONS" "$PINS"
+
+# 5. done: same inputs next time means nothing to do
+printf '%s\n' "$HASH" >"$MARKER.tmp"
+mv -f "$MARKER.tmp" "$MARKER"
+echo "bootstrap complete"
+cat "$VERSIONS" >&3
+}
+
+finish() {
+    local rc=$1
+    trap - ERR EXIT
+    if [ "$rc" -ne 0 ]; then echo "bootstrap FAILED with status $rc; log: $LOG"; fi
+    # Close our ends of the logger's pipe and let it write the last lines before we exit.
+    exec 1>&3 2>&4
+    wait "$LOGGER" 2>/dev/null || true
+    exit "$rc"
+}
+
+main "$@" </dev/null

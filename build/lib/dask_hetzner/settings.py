@@ -1,0 +1,227 @@
+"""One record of a cluster's settings: built once, checked once, stored in ``cluster.json``.
+
+Every setting has one name from argument to server: the constructor's keyword, the field
+here, the ``hetzner.*`` config key (with ``-`` for ``_``) and the key in ``cluster.json``.
+Values come from the arguments, else from ``dask.config`` (``override_with``, as
+dask-kubernetes does). Every refusal of bad input that needs no API call lives here, so it
+happens before anything is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import dask.config
+import dask.utils
+
+from . import config, jobsettings
+from .cloud import ConfigError
+from .manage import check_name
+
+# A Hetzner network holds 100 servers; every server of a cluster is in its private network
+# (workers exchange data with each other over it), so the scheduler and 99 workers at most.
+SERVERS_PER_NETWORK = 100
+MAX_WORKERS = SERVERS_PER_NETWORK - 1
+
+# The hetzner.timeouts.* of a cluster; START_TIMEOUTS (config) bound a node's whole start.
+TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close")
+
+# Stored in cluster.json (what another process needs to reattach); the rest is read from the
+# config of the process that reattaches.
+STORED = (
+    "name",
+    "location",
+    "fallback_locations",
+    "image",
+    "scheduler_server_type",
+    "worker_server_type",
+    "packages",
+    "connect",
+    "allowed_cidrs",
+    "network_ip_range",
+    "ssh_port",
+    "scheduler_port",
+    "dashboard_port",
+    "worker_options",
+    "scheduler_options",
+    "max_hourly_cost",
+    "idle_timeout",
+    "environment",
+    "upload",
+    "env",
+    "object_storage",
+    "apt_packages",
+    "setup_commands",
+)
+# cluster.json files written before the settings record named two fields differently.
+_LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    name: str
+    location: str
+    fallback_locations: tuple[str, ...]
+    image: str
+    scheduler_server_type: str
+    worker_server_type: str
+    packages: tuple[str, ...]
+    connect: str
+    allowed_cidrs: tuple[str, ...]
+    network_ip_range: str
+    ssh_port: int
+    scheduler_port: int
+    dashboard_port: int
+    worker_options: Mapping[str, Any]
+    scheduler_options: Mapping[str, Any]
+    max_hourly_cost: float | None
+    idle_timeout: float | None
+    timeouts: Mapping[str, float]
+    uv_version: str
+    index_url: str | None
+    # The user's job on the servers (payload.py); secrets are never part of this record.
+    environment: str = "minimal"
+    upload: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    object_storage: bool | str = False
+    apt_packages: tuple[str, ...] = ()
+    setup_commands: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, **arguments: Any) -> ClusterSettings:
+        """From keyword arguments (None: not given) and ``hetzner.*``; refuses bad input."""
+        unknown = set(arguments) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        a = arguments.get
+        connect = _pick("connect", a("connect") or None)
+        if connect not in ("tunnel", "public"):
+            raise ConfigError(f"connect must be 'tunnel' or 'public', got {connect!r}")
+        scheduler_port = int(_pick("scheduler-port", a("scheduler_port")))
+        if connect == "public" and scheduler_port == 0:
+            raise ConfigError("connect='public' needs a fixed hetzner.scheduler-port for the firewall")
+        return cls(
+            name=check_name(_pick("name", a("name") or None) or f"dask-{secrets.token_hex(3)}"),
+            # An empty value falls back to the configured one, where it always has.
+            location=_pick("location", a("location") or None),
+            fallback_locations=tuple(_pick("fallback-locations", a("fallback_locations")) or ()),
+            image=_pick("image", a("image") or None),
+            scheduler_server_type=_pick("scheduler-server-type", a("scheduler_server_type") or None),
+            worker_server_type=_pick("worker-server-type", a("worker_server_type") or None),
+            packages=tuple(_pick("packages", a("packages")) or ()),
+            connect=connect,
+            allowed_cidrs=tuple(_pick("allowed-cidrs", a("allowed_cidrs") or None)),
+            network_ip_range=_pick("network-ip-range", a("network_ip_range")),
+            ssh_port=int(_pick("ssh-port", a("ssh_port"))),
+            scheduler_port=scheduler_port,
+            dashboard_port=int(_pick("dashboard-port", a("dashboard_port"))),
+            worker_options=dict(_pick("worker-options", a("worker_options") or None) or {}),
+            scheduler_options=dict(_pick("scheduler-options", a("scheduler_options") or None) or {}),
+            max_hourly_cost=_positive(_pick("max-hourly-cost", a("max_hourly_cost")), "max_hourly_cost"),
+            idle_timeout=_duration(_pick("idle-timeout", a("idle_timeout")), "idle_timeout"),
+            timeouts=a("timeouts") or {k: config.seconds(f"timeouts.{k}") for k in TIMEOUT_KEYS},
+            uv_version=_pick("uv-version", a("uv_version")),
+            index_url=_pick("index-url", a("index_url")),
+            **jobsettings.build(_pick, a),
+        )
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], **overrides: Any) -> ClusterSettings:
+        """The record of a cluster written to ``cluster.json``; ``overrides`` win (None: keep)."""
+        stored = {_LEGACY_KEYS.get(k, k): v for k, v in metadata.items()}
+        arguments = {k: stored[k] for k in STORED if k in stored}
+        arguments.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.build(**arguments)
+
+    def metadata(self) -> dict[str, Any]:
+        """The stored fields, as JSON values (read back by :meth:`from_metadata`)."""
+        return {k: _plain(getattr(self, k)) for k in STORED}
+
+    @property
+    def locations(self) -> list[str]:
+        """Where servers may go: the location, then the fallbacks not equal to it."""
+        return [self.location] + [x for x in self.fallback_locations if x != self.location]
+
+    @property
+    def start_timeout(self) -> float:
+        """The bound on a node's whole start: the sum of its phases' timeouts."""
+        return sum(self.timeouts[k] for k in config.START_TIMEOUTS)
+
+    def server_type(self, role: str) -> str:
+        return self.scheduler_server_type if role == "scheduler" else self.worker_server_type
+
+    def replace(self, **changes: Any) -> ClusterSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def worker_count(workers: Any, n_workers: Any) -> int:
+    """The initial worker count from ``workers=`` / ``n_workers=`` / ``hetzner.n-workers``."""
+    if workers is not None and n_workers is not None and workers != n_workers:
+        raise ValueError("give the worker count once: workers= or n_workers=")
+    count = workers if workers is not None else n_workers
+    if count is None:
+        count = config.get("n-workers")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"workers must be a non-negative integer, got {count!r}")
+    return count
+
+
+def check_size(n: int, what: str) -> None:
+    if n > MAX_WORKERS:
+        raise ConfigError(
+            f"{what} with {n} workers: a cluster's servers share one private network, and a "
+            f"Hetzner network holds at most {SERVERS_PER_NETWORK} servers, so at most "
+            f"{MAX_WORKERS} workers besides the scheduler (choose larger server types for more cores)"
+        )
+
+
+def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iterable[str]) -> None:
+    """Fallback locations must be known and in the location's network zone (one network)."""
+    zone = locations[location].network_zone
+    for other in fallbacks:
+        if other not in locations:
+            raise ConfigError(
+                f"unknown fallback location {other!r}; valid locations: {', '.join(sorted(locations))}"
+            )
+        if locations[other].network_zone != zone:
+            raise ConfigError(
+                f"fallback location {other} is in network zone {locations[other].network_zone}, "
+                f"but {location} is in {zone}: one private network cannot span them"
+            )
+
+
+def _pick(key: str, value: Any) -> Any:
+    return dask.config.get(f"hetzner.{key}", override_with=value)
+
+
+def _positive(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if not number > 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return number
+
+
+def _duration(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        parsed = dask.utils.parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"{what} must be a duration, got {value!r}") from None
+    return _positive(parsed, what)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value

@@ -1,0 +1,100 @@
+"""One simulated server's host: what it was booted with, its paths as its clients see them, its SSH."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+from .sandbox import Child, Dirs, Sandbox
+
+
+@dataclass
+class HostSpec:
+    """What a simulated host needs to know about its server."""
+
+    server_id: int
+    name: str
+    public_ip: str  # loopback, listens for SSH on (public_ip, ssh_port)
+    private_ips: list[str] = field(default_factory=list)  # loopback, reachable by other hosts
+    authorized_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
+    user_data: str | None = None  # cloud-config; ssh_keys.*_private pin the host key
+
+
+class Host:
+    """State of one simulated server."""
+
+    def __init__(self, spec: HostSpec, *, home: Path, private: Path, cache: Path, shims: Path) -> None:
+        self.spec = spec
+        self.home = home
+        self.private = private  # its /tmp and /var/tmp
+        self.cache = cache
+        self.shims = shims
+        self.dirs = Dirs(home, private, cache, shims)
+        self.lock = asyncio.Lock()
+        self.running = False
+        self.generated_key: asyncssh.SSHKey | None = None
+        self.host_keys: list[asyncssh.SSHKey] = []
+        self.authorized: set[bytes] = set()
+        self.sandbox_task: asyncio.Task[Sandbox | None] | None = None
+        self.listen_task: asyncio.Task[None] | None = None
+        self.acceptors: list[asyncssh.SSHAcceptor] = []
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self.children: set[Child] = set()
+        self.groups: set[int] = set()  # unsandboxed: process groups to kill
+        self._update_paths()
+
+    def _update_paths(self) -> None:
+        tmp, var_tmp = self.private / "tmp", self.private / "var-tmp"
+        # Longest prefix first: the sandbox's mounts, as the SFTP server sees them.
+        mounts = [
+            (str(self.home), str(self.home)),
+            (str(self.cache), str(self.cache)),
+            (str(self.shims), str(self.shims)),
+            ("/tmp", str(tmp)),
+            ("/var/tmp", str(var_tmp)),
+        ]
+        self.mounts = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
+        self.reverse_mounts = [(str(tmp), "/tmp"), (str(var_tmp), "/var/tmp")]
+        self.writable = [os.path.realpath(p) for p in (self.home, tmp, var_tmp)]
+
+    def host_path(self, path: str) -> str:
+        """Where a path the server's SFTP client names lives on this machine."""
+        path = posixpath.normpath(posixpath.join(str(self.home), path))
+        if path.startswith("//"):
+            path = "/" + path.lstrip("/")
+        for inside, outside in self.mounts:
+            if path == inside or path.startswith(inside + "/"):
+                return outside + path[len(inside) :]
+        return path
+
+    def server_path(self, path: str) -> str:
+        """The inverse of host_path, for paths reported back to the client."""
+        for outside, inside in self.reverse_mounts:
+            if path == outside or path.startswith(outside + "/"):
+                return inside + path[len(outside) :]
+        return path
+
+    def may_write(self, path: str) -> bool:
+        return any(path == root or path.startswith(root + "/") for root in self.writable)
+
+    async def cut_ssh(self, *, stop_listening: bool) -> list[asyncssh.SSHAcceptor]:
+        """Abort every SSH session; with ``stop_listening`` also close sshd's listeners first.
+
+        Returns the listeners closed (empty when sshd keeps listening).
+        """
+        acceptors: list[asyncssh.SSHAcceptor] = []
+        if stop_listening:
+            acceptors, self.acceptors = self.acceptors, []
+            for acceptor in acceptors:
+                acceptor.close()
+        for conn in list(self.connections):
+            conn.abort()
+        for acceptor in acceptors:
+            await acceptor.wait_closed()
+        return acceptors
+

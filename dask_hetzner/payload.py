@@ -9,6 +9,7 @@ new servers, so workers added by ``scale``/``adapt`` get the code as it is then.
 from __future__ import annotations
 
 import asyncio
+import platform
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class Payload:
         reqs = pinned_requirements("scheduler", self.versions, self.extra) + [str(w.path) for w in snap.wheels]
         await asyncio.gather(*(
             asyncio.to_thread(
-                envsync.resolve, reqs, python=self.versions["python"], architecture=arch, index_url=self.index_url
+                # The client's full version: a package may need a later patch release than x.y.0.
+                envsync.resolve, reqs, python=platform.python_version(), architecture=arch, index_url=self.index_url
             )
             for arch in sorted(architectures)
         ))

@@ -31,6 +31,7 @@ def cli_env(sim, state_dir: Path) -> dict[str, str]:
             "DASK_HETZNER__TIMEOUTS__SSH": "60s",
             "DASK_HETZNER__TIMEOUTS__PROCESS_START": "120s",
             "DASK_HETZNER__TIMEOUTS__CLOSE": "60s",
+            "DASK_HETZNER__ENVIRONMENT": "minimal",  # as in conftest: the dask stack only
             "COLUMNS": "200",  # rich tables: no wrapping in captured output
         }
     )

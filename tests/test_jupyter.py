@@ -122,6 +122,7 @@ class Lab:
             "DASK_HETZNER__SCHEDULER_PORT": "0",
             "DASK_HETZNER__DASHBOARD_PORT": "0",
             "DASK_HETZNER__API__POLL_INTERVAL": "100ms",
+            "DASK_HETZNER__ENVIRONMENT": "minimal",  # as in conftest: the dask stack only
             "DASK_LABEXTENSION__FACTORY__MODULE": "dask_hetzner",
             "DASK_LABEXTENSION__FACTORY__CLASS": "HetznerCluster",
             # Nothing written into the developer's own dask or jupyter directories.

@@ -40,7 +40,9 @@ def run(workers: int = 2, console: Console | None = None) -> dict[str, Any]:
         say(f"Simulator at {sim.endpoint}")
         say(f"\n[bold]1.[/bold] Creating a cluster: a scheduler and {workers} workers, in parallel.")
         t0 = time.monotonic()
-        with HetznerCluster(workers=workers, name="demo", progress=progress) as cluster:
+        # Its tasks need only the dask stack: syncing the whole local environment would only
+        # slow a user's first minute (docs/your-code-and-data.md).
+        with HetznerCluster(workers=workers, name="demo", progress=progress, environment="minimal") as cluster:
             per_hour = _use(cluster, workers, t0, summary, say)
             say("\n[bold]5.[/bold] Closing: every server, the network, firewall and key are deleted.")
         elapsed = time.monotonic() - t0

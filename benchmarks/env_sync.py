@@ -5,7 +5,7 @@
     python benchmarks/env_sync.py --time-scale 1 --repeat 2
 
 It makes a typical data-science client environment in a temporary virtual environment
-(numpy, pandas, pyarrow, scikit-learn, s3fs, this project, and one editable local package),
+(numpy, pandas, pyarrow, scikit-learn, s3fs, uv, this project, and one editable local package),
 then, run from that environment, starts a 2-worker cluster on the simulator's ``realistic``
 profile with ``environment="minimal"`` and with ``environment="sync"``, and reports for each
 the time to ready (constructor to 2 workers connected) and the bootstrap alone (the slowest
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.5
-PACKAGES = ["numpy", "pandas", "pyarrow", "scikit-learn", "s3fs"]
+PACKAGES = ["numpy", "pandas", "pyarrow", "scikit-learn", "s3fs", "uv"]  # uv builds the wheel
 
 
 def make_env(where: Path) -> Path:
@@ -85,8 +85,10 @@ def main() -> None:
             for mode in results:
                 out = subprocess.run(
                     [str(python), __file__, "--child", mode, "--time-scale", str(args.time_scale)],
-                    check=True, capture_output=True, text=True, cwd=tmp,
+                    capture_output=True, text=True, cwd=tmp,
                 )
+                if out.returncode != 0:
+                    sys.exit(f"{mode} failed:\n" + "\n".join(out.stderr.splitlines()[-30:]))
                 results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     last = {mode: runs[-1] for mode, runs in results.items()}
     ratio = last["sync"]["bootstrap_s"] / last["minimal"]["bootstrap_s"]

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import tarfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -82,8 +83,8 @@ def test_wheels_are_rebuilt_only_when_the_source_changes(tmp_path):
     _project(project, 2)
     changed = localcode.build_wheel(pkg, cache=tmp_path / "cache")
     assert changed.digest != first.digest
-    listing = subprocess.run(["unzip", "-p", str(changed.path), "edpkg/__init__.py"], capture_output=True, text=True)
-    assert listing.stdout == "VALUE = 2\n"
+    with zipfile.ZipFile(changed.path) as whl:
+        assert whl.read("edpkg/__init__.py") == b"VALUE = 2\n"
 
 
 def test_uploads_are_checked_and_archived_by_name(tmp_path):

@@ -10,6 +10,7 @@ scale-up, an unchanged one is not. ``upload=`` paths travel as one tar archive.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -126,8 +127,10 @@ def build_wheel(package: LocalPackage, cache: Path | None = None) -> Wheel:
         uv = uv_binary()
         if uv is not None:
             cmd = [uv, "build", "--wheel", "--quiet", "--out-dir", str(tmp), str(package.path)]
-        else:
+        elif importlib.util.find_spec("pip") is not None:
             cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp), str(package.path)]
+        else:
+            raise ConfigError(f"building local package {package.name} needs uv or pip on the client: pip install uv")
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])

@@ -133,6 +133,8 @@ class ClusterSettings:
         """The record of a cluster written to ``cluster.json``; ``overrides`` win (None: keep)."""
         stored = {_LEGACY_KEYS.get(k, k): v for k, v in metadata.items()}
         arguments = {k: stored[k] for k in STORED if k in stored}
+        # Written before environments were chosen: the servers run the pinned stack.
+        arguments.setdefault("environment", "minimal")
         arguments.update({k: v for k, v in overrides.items() if v is not None})
         return cls.build(**arguments)
 

@@ -134,3 +134,10 @@ def test_object_storage_forwards_credentials_as_secrets_and_the_endpoint(tmp_pat
     s = ClusterSettings.build(object_storage=True, env={"MODE": "x"})
     assert s.metadata()["object_storage"] is True and s.metadata()["env"] == {"MODE": "x"}
     assert "secret_env" not in s.metadata()
+
+
+def test_a_cluster_json_from_before_environments_keeps_the_pinned_stack():
+    stored = ClusterSettings.build(name="old1").metadata()
+    del stored["environment"]  # as written before this setting existed
+    assert ClusterSettings.from_metadata(stored).environment == "minimal"
+    assert ClusterSettings.from_metadata({**stored, "environment": "sync"}).environment == "sync"

@@ -43,6 +43,7 @@ class ClusterLifecycle(SpecCluster):
     _touched: bool  # this process created something: a failure rolls it back
     _initial_pending: bool  # the initial workers' start is still to come
     _teardown_task: asyncio.Future[None] | None
+    _token: str
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
     _resubscribing: asyncio.Future[Any] | None = None
@@ -104,6 +105,18 @@ class ClusterLifecycle(SpecCluster):
         await self._provisioner.teardown()
         # Only once the API confirmed: until then the state is what finds and reaches it.
         self._ctx.pins.follow(None)
+        await asyncio.to_thread(self._state.remove)
+
+    @property
+    def owns_resources(self) -> bool:
+        """This object created (or took over) servers that closing it deletes."""
+        return self._touched and not self._detached
+
+    async def delete_by_label(self, timeout: float) -> None:
+        """Delete every resource labelled with this cluster's name, then its local state,
+        on whatever loop calls it: at exit, an asynchronous cluster's own loop has stopped."""
+        async with manage.project_cloud(self._token, self._ctx.cloud.endpoint) as cloud:
+            await cloud.delete_cluster(self.name, timeout=timeout)
         await asyncio.to_thread(self._state.remove)
 
     async def _say_goodbye(self) -> None:

@@ -9,8 +9,8 @@ import signal
 import sys
 import threading
 import weakref
-from contextlib import suppress
 from collections.abc import Coroutine
+from contextlib import suppress
 from typing import Any, Protocol
 
 from distributed.core import Status

@@ -200,6 +200,15 @@ class Lab:
         self.log.close()
 
 
+KERNEL_CODE = """
+import dask_hetzner
+client = dask_hetzner.connect("lab2")
+print(client.submit(lambda x: x + 1, 1).result())
+print(client.dashboard_link)
+client.close()
+"""
+
+
 def test_jupyterlab_rest_api(sim, tmp_path):
     """A real JupyterLab with the extension: create, list, proxy, scale and delete over REST."""
     lab = Lab(sim, tmp_path)
@@ -233,6 +242,15 @@ def test_jupyterlab_rest_api(sim, tmp_path):
         ):
             assert time.monotonic() < deadline, f"no worker through PATCH within 180 s:\n{lab.tail()}"
             time.sleep(0.5)
+
+        # A kernel's one line: a Client through the Jupyter server's tunnel, which computes,
+        # and whose dashboard link (built from the scheduler's port) is the tunnel's.
+        kernel = subprocess.run(
+            [sys.executable, "-c", KERNEL_CODE], env={**os.environ, "HCLOUD_TOKEN": ""},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert kernel.returncode == 0, kernel.stderr[-3000:]
+        assert kernel.stdout.split() == ["2", model["dashboard_link"]], kernel.stdout
 
         status, _ = lab.request("DELETE", f"/dask/clusters/{cid}")
         assert status == 204

@@ -107,7 +107,7 @@ async def test_labextension_cluster_manager(sim):
 class Lab:
     """A real ``jupyter lab`` in a subprocess and a tiny REST client for it."""
 
-    def __init__(self, sim, tmp: Path) -> None:
+    def __init__(self, sim, tmp: Path, name: str = "lab2") -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -117,7 +117,7 @@ class Lab:
             # The Hetzner side entirely from the environment, as a user would set it.
             "HCLOUD_TOKEN": sim.token,
             "HCLOUD_ENDPOINT": sim.endpoint,
-            "DASK_HETZNER__NAME": "lab2",
+            "DASK_HETZNER__NAME": name,
             "DASK_HETZNER__SSH_PORT": str(config["ssh-port"]),
             "DASK_HETZNER__SCHEDULER_PORT": "0",
             "DASK_HETZNER__DASHBOARD_PORT": "0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
 from . import config, cost, display, environment, exits, manage, reattach
+from . import progress as progress_display
 from .attach import AttachedScheduler, Attachment
 from .cost import CostLimitError
 from .idle import IdleSettings
@@ -65,7 +67,9 @@ class HetznerCluster(ClusterLifecycle):
     security:
         TLS is always on with keys made for this cluster; ``False`` is refused.
     progress:
-        Called as ``progress(node, phase)`` while servers are created.
+        Called as ``progress(node, phase)`` while servers are created. Without it, a sync
+        start shows a live table in a terminal or a notebook (``hetzner.progress: false``
+        turns that off); every phase is also logged at INFO.
     max_hourly_cost:
         Refuse to scale (or start) past this many EUR per hour, gross, by the API's prices for
         the cluster's location; ``adapt``'s maximum is capped to fit.
@@ -106,6 +110,9 @@ class HetznerCluster(ClusterLifecycle):
         attach: Attachment | None = kwargs.pop("_attach", None)
         settings: ClusterSettings | None = kwargs.pop("_settings", None)
         count = worker_count(workers, n_workers)
+        # Without a callback, a sync start shows its progress where there is a place for it.
+        display = progress_display.default() if progress is None and not asynchronous else None
+        progress = progress or display
         if security not in (None, True):
             raise ValueError("TLS cannot be replaced or turned off: every cluster makes its own CA")
         if settings is None:
@@ -134,16 +141,18 @@ class HetznerCluster(ClusterLifecycle):
             # A sync start waits in this (main) thread, where a KeyboardInterrupt rolls back.
             exits.sigterm_cleans_up()
         try:
-            super().__init__(
-                workers={self._new_worker_name(i): worker for i in range(count)},
-                scheduler=scheduler,
-                worker=worker,
-                asynchronous=asynchronous,
-                loop=loop,
-                security=self._client_security(),
-                name=settings.name,
-                **kwargs,
-            )
+            # The display ends once the start did (a sync start happens in this call).
+            with display or contextlib.nullcontext():
+                super().__init__(
+                    workers={self._new_worker_name(i): worker for i in range(count)},
+                    scheduler=scheduler,
+                    worker=worker,
+                    asynchronous=asynchronous,
+                    loop=loop,
+                    security=self._client_security(),
+                    name=settings.name,
+                    **kwargs,
+                )
         except BaseException:
             self._after_failed_sync_start()
             raise

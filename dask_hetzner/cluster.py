@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -255,7 +256,13 @@ class HetznerCluster(ClusterLifecycle):
     # SpecCluster.from_name is annotated to return a ProcessInterface, not the cluster's class.
     @classmethod
     def from_name(  # type: ignore[override]
-        cls, name: str, *, token: str | None = None, api_endpoint: str | None = None, **kwargs: Any
+        cls,
+        name: str,
+        *,
+        token: str | None = None,
+        api_endpoint: str | None = None,
+        take_over: bool = True,
+        **kwargs: Any,
     ) -> HetznerCluster:
         """Reattach to the running cluster ``name``, created by this or another process.
 
@@ -265,9 +272,11 @@ class HetznerCluster(ClusterLifecycle):
         (which deletes everything) work as on the original; ``detach()`` leaves it running.
         Needs the local state written when it was created (``hetzner.state-dir``); the
         cluster's settings come from there, and keyword arguments override them (a new
-        ``max_hourly_cost``, ``worker_options`` for new workers, ...).
+        ``max_hourly_cost``, ``worker_options`` for new workers, ...). ``take_over=False``
+        gives a view: ``close()`` and exiting only disconnect, as after ``detach()``.
         """
         settings, attachment, stored_endpoint = reattach.read(name, kwargs)
+        attachment = dataclasses.replace(attachment, take_over=take_over)
         return cls(
             0,
             token=token,

@@ -195,6 +195,9 @@ class ClusterLifecycle(SpecCluster):
         except BaseException:
             await asyncio.shield(self._disconnect())
             raise
+        if self._attach is not None and not self._attach.take_over:
+            self.shutdown_on_close = False  # a view: stays detached, nothing deleted at exit
+            return
         # Ours now: closing deletes it, as on the original.
         self._detached = False
         self._touched = True

@@ -259,31 +259,3 @@ def test_jupyterlab_rest_api(sim, tmp_path):
     finally:
         lab.stop()
 
-
-def test_jupyter_sigterm_deletes_panel_clusters(sim, tmp_path):
-    """SIGTERM on a Jupyter server with a running 2-worker panel cluster: it exits within a
-    bound, and the cluster it made is deleted (servers and local state)."""
-    lab = Lab(sim, tmp_path)
-    try:
-        lab.wait_ready()
-        status, model = lab.request("PUT", "/dask/clusters")
-        assert status == 200, model
-        lab.request("PATCH", f"/dask/clusters/{model['id']}", {"workers": 2})
-        deadline = time.monotonic() + 180
-        while lab.request("GET", f"/dask/clusters/{model['id']}")[1]["workers"] != 2:
-            assert time.monotonic() < deadline, f"no 2 workers within 180 s:\n{lab.tail()}"
-            time.sleep(0.5)
-        assert server_names(sim) == {"lab2-scheduler", "lab2-worker-0", "lab2-worker-1"}
-        lab.proc.send_signal(signal.SIGTERM)
-        try:
-            lab.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            lab.proc.send_signal(signal.SIGABRT)
-            lab.proc.wait(timeout=30)
-            raise AssertionError(f"jupyter did not exit within 90 s of SIGTERM:\n{lab.tail(200)}") from None
-        assert server_names(sim) == set() and sim.leaks() == {}, lab.tail()
-        assert not (Path(os.environ["DASK_HETZNER__STATE_DIR"]) / "lab2").exists()
-        assert "cluster lab2: still open at exit: deleting it" in lab.tail()
-        assert "still running" not in lab.tail()
-    finally:
-        lab.stop()

@@ -175,10 +175,16 @@ def test_firewall_only_opens_ssh(sim):
             assert server.private_net, "scheduler must be on the private network"
 
 
-def test_failing_bootstrap_is_reported_and_rolled_back(sim):
+def test_failing_bootstrap_is_reported_and_rolled_back(sim, caplog):
+    """A misspelled package: not retried, the cause in the first line, the log's tail after."""
     with pytest.raises(Exception, match="bootstrap.log") as info:
         HetznerCluster(workers=1, name="boot1", packages=["dask-hetzner-no-such-package==0.0.1"])
-    assert "dask-hetzner-no-such-package" in str(info.value)
+    first, *rest = str(info.value).splitlines()
+    assert "the packages cannot be installed (not retried)" in first
+    assert "dask-hetzner-no-such-package was not found in the package registry" in first
+    assert str(info.value).count("was not found") == 2 and len(rest) <= 16  # the cause, then the tail once
+    assert not any("warning:" in line for line in rest)
+    assert not [r for r in caplog.records if "trying once more" in r.getMessage()]
     assert servers_of(sim, "boot1") == []
 
 

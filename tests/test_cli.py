@@ -337,6 +337,14 @@ def test_types(sim, tmp_path):
     assert any(r["architecture"] == "arm" for r in rows.values())
     table = run(env, "types")
     assert table.returncode == 0 and "cx23" in table.stdout and "fsn1" in table.stdout
+    # At 80 columns: the header on one line, a type's numbers on its own line.
+    narrow = run({**env, "COLUMNS": "80"}, "types")
+    lines = narrow.stdout.splitlines()
+    assert lines[0].split() == ["name", "vCPU", "GB", "disk", "arch", "cpu", "EUR/h", "EUR/mo", "where"]
+    assert max(len(line) for line in lines) <= 80
+    for line in lines:
+        if line.split() and line.split()[0] in rows:
+            assert len(line.split()) >= 9, line
 
 
 def test_sim_verb():

@@ -190,17 +190,22 @@ def scale(name: str, n: int, token: str | None, endpoint: str | None) -> None:
     """Scale cluster NAME to N workers and wait until they are there (or gone)."""
     from .cluster import HetznerCluster
 
-    cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint)
+    click.echo(f"Cluster {name}: reattaching", err=True)
+    progress = TerminalProgress(make_console())
+    cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint, progress=progress)
     try:
         before = len(cluster.worker_spec)
-        cluster.scale(n)
-        cluster.sync(cluster._correct_state)
-        wait(
-            lambda: len(cluster.scheduler_info.get("workers", {})) == n
-            and len(cluster.workers) == n,
-            start_timeout(),
-            f"{n} workers",
-        )
+        if n < before:
+            click.echo(f"Cluster {name}: retiring {before - n} worker(s) and deleting their servers", err=True)
+        with progress:  # new servers' phases as they come
+            cluster.scale(n)
+            cluster.sync(cluster._correct_state)
+            wait(
+                lambda: len(cluster.scheduler_info.get("workers", {})) == n
+                and len(cluster.workers) == n,
+                start_timeout(),
+                f"{n} workers",
+            )
         cost = cluster.hourly_cost
     finally:
         cluster.detach()
@@ -220,6 +225,10 @@ def destroy(name: str, token: str | None, endpoint: str | None) -> None:
     """
     from .cluster import HetznerCluster
 
+    click.echo(f"Cluster {name}: reattaching", err=True)
     cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint)
+    servers = len(cluster.context.servers)
+    plural = "s" if servers != 1 else ""
+    click.echo(f"Cluster {name}: deleting {servers} server{plural}, then its network, firewall and SSH key", err=True)
     cluster.close()
     click.echo(f"Cluster {name} deleted.")

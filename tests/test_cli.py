@@ -164,6 +164,7 @@ def lifecycle(sim, env, state) -> None:
     scaled = run(env, "scale", "cli1", "2")
     assert scaled.returncode == 0, scaled.stderr
     assert "1 -> 2 workers" in scaled.stdout
+    assert "worker-1: installing" in scaled.stdout and "reattaching" in scaled.stderr  # progress
     assert sorted(s.name for s in servers_of(sim, "cli1")) == ["cli1-scheduler", "cli1-worker-0", "cli1-worker-1"]
     assert (cdir / "hosts" / "cli1-worker-1.json").is_file()  # pinned as it came
     scaled = run(env, "scale", "cli1", "1")
@@ -185,10 +186,12 @@ def lifecycle(sim, env, state) -> None:
     assert imported.returncode == 0, imported.stderr
     scaled = run(env_b, "scale", "cli1", "0")
     assert scaled.returncode == 0, scaled.stderr
+    assert "retiring 1 worker(s)" in scaled.stderr
     assert [s.name for s in servers_of(sim, "cli1")] == ["cli1-scheduler"]
 
     destroyed = run(env_b, "destroy", "cli1")
     assert destroyed.returncode == 0, destroyed.stderr
+    assert "deleting 1 server," in destroyed.stderr
     assert sim.leaks() == {}
     assert not (other / "cli1").exists()
     # The first machine's state now names a cluster that is gone: nuke clears it.
@@ -371,3 +374,21 @@ def test_demo_verb(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "demo summary" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_listing_verbs_import_neither_distributed_nor_asyncssh(sim, tmp_path):
+    """`ls` and `types` start fast: they load neither distributed nor asyncssh (seconds here)."""
+    code = (
+        "import sys\n"
+        "from dask_hetzner.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'distributed', 'asyncssh'}), file=sys.stderr)\n"
+    )
+    for verb in ("ls", "types"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, verb], env=cli_env(sim, tmp_path), capture_output=True, text=True, timeout=120
+        )
+        assert done.stderr.strip().splitlines()[-1] == "[]", (verb, done.stderr)

@@ -68,6 +68,7 @@ def _close_at_exit() -> None:
     ]  # fmt: skip
     for cluster in pending:
         cluster.shutdown_on_close = False  # distributed's handler would wait on it again
+        logger.warning("cluster %s: still open at exit: deleting it", cluster.name)
     left = {c.name for c in pending}
     try:
         for cluster in [c for c in pending if _loop_alive(c)]:
@@ -99,8 +100,6 @@ def _delete_in_thread(clusters: list[_Closable]) -> set[str]:
     async def every() -> None:
         await asyncio.gather(*(one(c) for c in clusters))
 
-    for cluster in clusters:
-        logger.warning("cluster %s: still open at exit: deleting it", cluster.name)
     # A daemon thread: a second Ctrl-C here ends the wait, and the process does not wait for it.
     thread = threading.Thread(target=asyncio.run, args=(every(),), name="dask-hetzner-exit", daemon=True)
     thread.start()

@@ -330,6 +330,7 @@ def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     script = tmp_path / "forget.py"
     script.write_text(
@@ -351,6 +352,10 @@ def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
     assert out.stdout.strip() == "up", out.stderr[-2000:]
     assert out.returncode == 0, out.stderr[-2000:]
     assert sim.leaks() == {}
+    # Quietly: one line saying so, no traceback; and no keys left in the local state.
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr[-2000:]
+    assert "cluster exit1: still open at exit: deleting it" in out.stderr
+    assert not (Path(os.environ["DASK_HETZNER__STATE_DIR"]) / "exit1").exists()
 
 
 @pytest.mark.parametrize(

@@ -216,22 +216,3 @@ def test_list_and_nuke_go_by_label_equality(sim, state_dir):
     nuke("c2")
     assert list_clusters() == [] and sim.leaks() == {}
 
-
-@pytest.mark.timeout(600)
-def test_forgotten_close_is_quiet_and_leaves_nothing(sim, state_dir, tmp_path):
-    """A script that never closes its cluster: deleted at exit, one line said, no traceback,
-    no keys left in the local state."""
-    script = tmp_path / "forgot.py"
-    script.write_text(
-        "from dask_hetzner import HetznerCluster\n"
-        "cluster = HetznerCluster(workers=0, name='fg1')\n"
-        "print(cluster.status.name, flush=True)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, str(script)], env=cli_env(sim, state_dir), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["running"]
-    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
-    assert servers_of(sim, "fg1") == []
-    assert not (state_dir / "fg1").exists(), sorted(p.name for p in (state_dir / "fg1").rglob("*"))

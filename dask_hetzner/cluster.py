@@ -112,7 +112,8 @@ class HetznerCluster(ClusterLifecycle):
         settings: ClusterSettings | None = kwargs.pop("_settings", None)
         count = worker_count(workers, n_workers)
         # Without a callback, a sync start shows its progress where there is a place for it.
-        display = progress_display.default() if progress is None and not asynchronous else None
+        quiet = progress is not None or asynchronous or attach is not None  # reattaching creates nothing
+        display = None if quiet else progress_display.default()
         progress = progress or display
         if security not in (None, True):
             raise ValueError("TLS cannot be replaced or turned off: every cluster makes its own CA")

@@ -190,13 +190,13 @@ def scale(name: str, n: int, token: str | None, endpoint: str | None) -> None:
     """Scale cluster NAME to N workers and wait until they are there (or gone)."""
     from .cluster import HetznerCluster
 
-    click.echo(f"Cluster {name}: reattaching", err=True)
+    click.echo(f"Cluster {name}: reattaching")
     progress = TerminalProgress(make_console())
     cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint, progress=progress)
     try:
         before = len(cluster.worker_spec)
         if n < before:
-            click.echo(f"Cluster {name}: retiring {before - n} worker(s) and deleting their servers", err=True)
+            click.echo(f"Cluster {name}: retiring {before - n} worker(s) and deleting their servers")
         with progress:  # new servers' phases as they come
             cluster.scale(n)
             cluster.sync(cluster._correct_state)
@@ -225,10 +225,10 @@ def destroy(name: str, token: str | None, endpoint: str | None) -> None:
     """
     from .cluster import HetznerCluster
 
-    click.echo(f"Cluster {name}: reattaching", err=True)
+    click.echo(f"Cluster {name}: reattaching")
     cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint)
     servers = len(cluster.context.servers)
     plural = "s" if servers != 1 else ""
-    click.echo(f"Cluster {name}: deleting {servers} server{plural}, then its network, firewall and SSH key", err=True)
+    click.echo(f"Cluster {name}: deleting {servers} server{plural}, then its network, firewall and SSH key")
     cluster.close()
     click.echo(f"Cluster {name} deleted.")

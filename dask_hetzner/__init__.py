@@ -9,10 +9,11 @@ __version__ = "0.1.0"
 from . import config  # noqa: E402,F401  (registers hetzner.* defaults)
 
 if TYPE_CHECKING:
+    from .clients import connect
     from .cluster import HetznerCluster
     from .manage import ClusterInfo, UnknownCluster, list_clusters, nuke
 
-__all__ = ["ClusterInfo", "HetznerCluster", "UnknownCluster", "__version__", "list_clusters", "nuke"]
+__all__ = ["ClusterInfo", "HetznerCluster", "UnknownCluster", "__version__", "connect", "list_clusters", "nuke"]
 
 # Loaded on first use: `dask-hetzner ls` and friends need neither distributed nor its start-up time.
 _LAZY = {
@@ -21,6 +22,7 @@ _LAZY = {
     "UnknownCluster": "manage",
     "list_clusters": "manage",
     "nuke": "manage",
+    "connect": "clients",
 }
 
 

@@ -34,6 +34,8 @@ class Attachment:
 
     state: ClusterState
     secrets: Secrets = field(repr=False)
+    # False: a view (dask-ctl's listing): closing it, or exiting, only disconnects.
+    take_over: bool = True
 
 
 class _NoConnection:

@@ -16,8 +16,10 @@ from typing import Any
 
 import click
 
+from .cli_access import access
 from .cli_cluster import create, destroy, scale
 from .cli_common import as_expected
+from .cli_dashboard import dashboard
 from .cli_manage import logs, ls, nuke, ssh, types
 
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="dask-hetzner")
 
 
-for verb in (create, scale, destroy, ls, ssh, logs, nuke, types):
+for verb in (create, scale, destroy, ls, ssh, logs, nuke, types, dashboard, access):
     cli.add_command(verb)
 
 

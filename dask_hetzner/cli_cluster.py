@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from .cli_common import api_options, make_console, start_timeout, wait
+from .progress import TerminalProgress
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,53 +48,6 @@ def _roll_back_on_signals() -> Iterator[dict[str, int | None]]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-
-
-class _Progress:
-    """Each server's phase: a live table on a terminal, one line per change otherwise."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.phases: dict[str, tuple[str, float]] = {}
-        self.t0 = time.monotonic()
-        self.live: Any = None
-
-    def _table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        table.add_column("node")
-        table.add_column("phase")
-        table.add_column("since", justify="right")
-        for node, (phase, since) in sorted(
-            self.phases.items(), key=lambda kv: (kv[0] != "scheduler", kv[0])
-        ):
-            style = "green" if phase == "running" else "yellow"
-            table.add_row(node, f"[{style}]{phase}[/{style}]", f"{since - self.t0:5.1f} s")
-        return table
-
-    def __call__(self, node: str, phase: str) -> None:
-        # Called on the cluster's event loop thread: only cheap, thread-safe work here.
-        if self.phases.get(node, ("",))[0] == phase:
-            return
-        self.phases[node] = (phase, time.monotonic())
-        if self.live is not None:
-            self.live.update(self._table())
-        else:
-            print(f"{node}: {phase}", flush=True)
-
-    def __enter__(self) -> _Progress:
-        if self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(self._table(), console=self.console, refresh_per_second=4)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.live is not None:
-            self.live.__exit__(*exc)
-            self.live = None
 
 
 # create -----------------------------------------------------------------------------------------
@@ -140,7 +93,7 @@ def create(
     from .cluster import HetznerCluster
 
     console = make_console()
-    progress = _Progress(console)
+    progress = TerminalProgress(console)
     try:
         with _roll_back_on_signals() as caught, progress:
             cluster = HetznerCluster(
@@ -237,17 +190,22 @@ def scale(name: str, n: int, token: str | None, endpoint: str | None) -> None:
     """Scale cluster NAME to N workers and wait until they are there (or gone)."""
     from .cluster import HetznerCluster
 
-    cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint)
+    click.echo(f"Cluster {name}: reattaching")
+    progress = TerminalProgress(make_console())
+    cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint, progress=progress)
     try:
         before = len(cluster.worker_spec)
-        cluster.scale(n)
-        cluster.sync(cluster._correct_state)
-        wait(
-            lambda: len(cluster.scheduler_info.get("workers", {})) == n
-            and len(cluster.workers) == n,
-            start_timeout(),
-            f"{n} workers",
-        )
+        if n < before:
+            click.echo(f"Cluster {name}: retiring {before - n} worker(s) and deleting their servers")
+        with progress:  # new servers' phases as they come
+            cluster.scale(n)
+            cluster.sync(cluster._correct_state)
+            wait(
+                lambda: len(cluster.scheduler_info.get("workers", {})) == n
+                and len(cluster.workers) == n,
+                start_timeout(),
+                f"{n} workers",
+            )
         cost = cluster.hourly_cost
     finally:
         cluster.detach()
@@ -267,6 +225,10 @@ def destroy(name: str, token: str | None, endpoint: str | None) -> None:
     """
     from .cluster import HetznerCluster
 
+    click.echo(f"Cluster {name}: reattaching")
     cluster = HetznerCluster.from_name(name, token=token, api_endpoint=endpoint)
+    servers = len(cluster.context.servers)
+    plural = "s" if servers != 1 else ""
+    click.echo(f"Cluster {name}: deleting {servers} server{plural}, then its network, firewall and SSH key")
     cluster.close()
     click.echo(f"Cluster {name} deleted.")

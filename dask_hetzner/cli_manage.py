@@ -268,10 +268,13 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
         return
     from rich.table import Table
 
-    where = f" in {location}" if location else " (cheapest location)"
-    table = Table(box=None, pad_edge=False)
-    for column in ("name", "vCPU", "memory GB", "disk GB", "arch", "cpu", "available", f"EUR/h{where}", "EUR/month"):
-        table.add_column(column, justify="left" if column in ("name", "arch", "cpu", "available") else "right")
+    # Short headers, no wrapping but in the last column: one line a type at 80 columns.
+    table = Table(box=None, pad_edge=False, caption_justify="left")
+    table.caption = f"prices in {location}" if location else "prices: the cheapest location; where: orderable in"
+    columns = ("name", "vCPU", "GB", "disk", "arch", "cpu", "EUR/h", "EUR/mo", "available" if location else "where")
+    for column in columns:
+        left = column in ("name", "arch", "cpu", "available", "where")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column not in ("available", "where"))
     for r in rows:
         table.add_row(
             r["name"],
@@ -280,11 +283,11 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
             str(r["disk_gb"]),
             r["architecture"],
             r["cpu_type"],
-            ("yes" if r["available"] else "no") if location else (", ".join(r["available"]) or "nowhere"),
             "-" if r["hourly"] is None else f"{r['hourly']:.4f}",
             "-" if r["monthly"] is None else f"{r['monthly']:.2f}",
+            ("yes" if r["available"] else "no") if location else (", ".join(r["available"]) or "nowhere"),
         )
-    make_console().print(table)
+    make_console().print(table, soft_wrap=False)
 
 
 async def _types(location: str | None, token: str | None, endpoint: str | None) -> list[dict[str, Any]]:

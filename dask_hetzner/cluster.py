@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
 from . import config, cost, display, exits, manage, reattach
+from . import progress as progress_display
 from .attach import AttachedScheduler, Attachment
 from .cost import CostLimitError
 from .environment import local_versions
@@ -68,7 +71,9 @@ class HetznerCluster(ClusterLifecycle):
     security:
         TLS is always on with keys made for this cluster; ``False`` is refused.
     progress:
-        Called as ``progress(node, phase)`` while servers are created.
+        Called as ``progress(node, phase)`` while servers are created. Without it, a sync
+        start shows a live table in a terminal or a notebook (``hetzner.progress: false``
+        turns that off); every phase is also logged at INFO.
     max_hourly_cost:
         Refuse to scale (or start) past this many EUR per hour, gross, by the API's prices for
         the cluster's location; ``adapt``'s maximum is capped to fit.
@@ -129,6 +134,10 @@ class HetznerCluster(ClusterLifecycle):
         attach: Attachment | None = kwargs.pop("_attach", None)
         settings: ClusterSettings | None = kwargs.pop("_settings", None)
         count = worker_count(workers, n_workers)
+        # Without a callback, a sync start shows its progress where there is a place for it.
+        quiet = progress is not None or asynchronous or attach is not None  # reattaching creates nothing
+        display = None if quiet else progress_display.default()
+        progress = progress or display
         if security not in (None, True):
             raise ValueError("TLS cannot be replaced or turned off: every cluster makes its own CA")
         if settings is None:
@@ -160,16 +169,18 @@ class HetznerCluster(ClusterLifecycle):
             # A sync start waits in this (main) thread, where a KeyboardInterrupt rolls back.
             exits.sigterm_cleans_up()
         try:
-            super().__init__(
-                workers={self._new_worker_name(i): worker for i in range(count)},
-                scheduler=scheduler,
-                worker=worker,
-                asynchronous=asynchronous,
-                loop=loop,
-                security=self._client_security(),
-                name=settings.name,
-                **kwargs,
-            )
+            # The display ends once the start did (a sync start happens in this call).
+            with display or contextlib.nullcontext():
+                super().__init__(
+                    workers={self._new_worker_name(i): worker for i in range(count)},
+                    scheduler=scheduler,
+                    worker=worker,
+                    asynchronous=asynchronous,
+                    loop=loop,
+                    security=self._client_security(),
+                    name=settings.name,
+                    **kwargs,
+                )
         except BaseException:
             self._after_failed_sync_start()
             raise
@@ -275,7 +286,13 @@ class HetznerCluster(ClusterLifecycle):
     # SpecCluster.from_name is annotated to return a ProcessInterface, not the cluster's class.
     @classmethod
     def from_name(  # type: ignore[override]
-        cls, name: str, *, token: str | None = None, api_endpoint: str | None = None, **kwargs: Any
+        cls,
+        name: str,
+        *,
+        token: str | None = None,
+        api_endpoint: str | None = None,
+        take_over: bool = True,
+        **kwargs: Any,
     ) -> HetznerCluster:
         """Reattach to the running cluster ``name``, created by this or another process.
 
@@ -285,9 +302,11 @@ class HetznerCluster(ClusterLifecycle):
         (which deletes everything) work as on the original; ``detach()`` leaves it running.
         Needs the local state written when it was created (``hetzner.state-dir``); the
         cluster's settings come from there, and keyword arguments override them (a new
-        ``max_hourly_cost``, ``worker_options`` for new workers, ...).
+        ``max_hourly_cost``, ``worker_options`` for new workers, ...). ``take_over=False``
+        gives a view: ``close()`` and exiting only disconnect, as after ``detach()``.
         """
         settings, attachment, stored_endpoint = reattach.read(name, kwargs)
+        attachment = dataclasses.replace(attachment, take_over=take_over)
         return cls(
             0,
             token=token,

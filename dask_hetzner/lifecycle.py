@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 from typing import Any
 
 import dask.config
@@ -20,7 +21,7 @@ from distributed.deploy.spec import SpecCluster
 from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
-from . import __version__, cost, manage, reattach
+from . import __version__, clients, cost, manage, reattach
 from .attach import AttachedScheduler, AttachedWorker, Attachment
 from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
@@ -43,6 +44,7 @@ class ClusterLifecycle(SpecCluster):
     _touched: bool  # this process created something: a failure rolls it back
     _initial_pending: bool  # the initial workers' start is still to come
     _teardown_task: asyncio.Future[None] | None
+    _token: str
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
     _resubscribing: asyncio.Future[Any] | None = None
@@ -109,6 +111,18 @@ class ClusterLifecycle(SpecCluster):
         self._ctx.pins.follow(None)
         await asyncio.to_thread(self._state.remove)
 
+    @property
+    def owns_resources(self) -> bool:
+        """This object created (or took over) servers that closing it deletes."""
+        return self._touched and not self._detached
+
+    async def delete_by_label(self, timeout: float) -> None:
+        """Delete every resource labelled with this cluster's name, then its local state,
+        on whatever loop calls it: at exit, an asynchronous cluster's own loop has stopped."""
+        async with manage.project_cloud(self._token, self._ctx.cloud.endpoint) as cloud:
+            await cloud.delete_cluster(self.name, timeout=timeout)
+        await asyncio.to_thread(self._state.remove)
+
     async def _say_goodbye(self) -> None:
         """A scheduler that is gone (its server vanished) must not hold the close for a
         connect timeout per call: ask once, briefly; not at all while its tunnel is down
@@ -138,21 +152,18 @@ class ClusterLifecycle(SpecCluster):
             await self.scheduler.disconnect()
         await Cluster._close(self)  # comms and callbacks; not SpecCluster's, which deletes
         self._close_exit_stack()
+        await asyncio.to_thread(self._state.forget_client_address, os.getpid())
         self._ctx.cloud.close()
 
     def _client_security(self) -> Any:
-        from distributed import Security
+        # The files exist before the first connection (written by _start, or already there
+        # when reattaching).
+        return clients.client_security(self._state)
 
-        st = self._state
-        # Paths into the state directory, not PEM contents: distributed would otherwise write a
-        # temporary copy for every TLS context. The files exist before the first connection
-        # (written by _start, or already there when reattaching).
-        return Security(
-            require_encryption=True,
-            tls_ca_file=str(st.ca_cert),
-            tls_client_cert=str(st.client_cert),
-            tls_client_key=str(st.client_key),
-        )
+    async def _write_client_address(self) -> None:
+        """Where other processes here reach the scheduler (``dask_hetzner.connect``)."""
+        info = clients.client_info(self.scheduler_address, self.dashboard_link, self.settings.connect)
+        await asyncio.to_thread(self._state.write_client_address, info)
 
     async def _write_state(self) -> None:
         """Keys and ``cluster.json`` (never the token): what another process needs to reattach."""
@@ -187,9 +198,13 @@ class ClusterLifecycle(SpecCluster):
         except BaseException:
             await asyncio.shield(self._disconnect())
             raise
+        if self._attach is not None and not self._attach.take_over:
+            self.shutdown_on_close = False  # a view: stays detached, nothing deleted at exit
+            return
         # Ours now: closing deletes it, as on the original.
         self._detached = False
         self._touched = True
+        await self._write_client_address()
 
     # Overrides of SpecCluster's and Cluster's private members ----------------------------------
     # SpecCluster has no public hooks for these; each says why it is needed.
@@ -211,6 +226,7 @@ class ClusterLifecycle(SpecCluster):
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
             await super()._start()
+            await self._write_client_address()
         except BaseException:
             self.status = Status.failed
             await asyncio.shield(self._teardown())

@@ -17,9 +17,9 @@ import re
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import config, layout, remote
+from . import config, layout
 from .cloud import (
     LABEL_WORKER,
     Cloud,
@@ -30,6 +30,9 @@ from .cloud import (
     token_refused,
 )
 from .state import ClusterState, StateError, root_dir
+
+if TYPE_CHECKING:
+    from . import remote  # asyncssh: imported by the verbs that log in, not by `ls`
 
 __all__ = [
     "check_name",
@@ -293,6 +296,8 @@ async def node_logs(
     """
     limit = asyncio.Semaphore(parallel)
 
+    from . import remote
+
     async def one(server: ServerInfo) -> dict[str, str]:
         label = node_label(server)
         role = "scheduler" if server.role == "scheduler" else "worker"
@@ -341,6 +346,8 @@ class Access:
     servers: list[ServerInfo]
 
     async def connect(self, host: str, host_key: str, retry_for: float = 15.0) -> remote.Remote:
+        from . import remote
+
         return await remote.connect(
             host,
             port=int(self.metadata.get("ssh_port", 22)),

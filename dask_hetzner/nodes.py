@@ -160,7 +160,9 @@ class SchedulerServer(HetznerNode):
         else:
             self.address = f"tls://{p.server.public_ip}:{port}"
         if self.dashboard_port and self.tunnel is not None:
-            dash = await self.tunnel.forward(ip, self.dashboard_port)
+            # The same port here as there where it is free: a Client connected by address
+            # (the panel's snippet) builds its dashboard link from the scheduler's port.
+            dash = await self.tunnel.forward(ip, self.dashboard_port, same_port=True)
             self.dashboard_link = f"http://127.0.0.1:{dash}/status"
         self.external_address = self.address
 

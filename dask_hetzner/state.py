@@ -9,6 +9,8 @@ One directory per cluster under the user's XDG state home
     client.pem, client.key  the client's TLS certificate and key
     ssh_key, ssh_key.pub    the SSH key registered with Hetzner for root logins
     hosts/<server>.json     each server's pinned SSH host key (public), with its server id
+    client.json             where a Client reaches the scheduler from this machine, and the
+                            process whose SSH tunnel that is (``dask_hetzner.connect``)
 
 Directories are 0700, files 0600, every file is written atomically (a crash leaves the old
 or the new file, never half of one). Nothing here touches the disk at import time.
@@ -252,3 +254,25 @@ class ClusterState:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # an unreadable pin is like a missing one: that server is unreachable
         return out
+
+    # where clients connect (clients.py) ------------------------------------------------------
+
+    @property
+    def client_file(self) -> Path:
+        return self.path / "client.json"
+
+    def write_client_address(self, info: dict[str, Any]) -> None:
+        _atomic_write(self.client_file, json.dumps(info, sort_keys=True).encode(), 0o600)
+
+    def client_address(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.client_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def forget_client_address(self, pid: int) -> None:
+        """Remove ``client.json`` if process ``pid`` wrote it (another may hold it now)."""
+        info = self.client_address()
+        if info is not None and info.get("pid") == pid:
+            self.client_file.unlink(missing_ok=True)

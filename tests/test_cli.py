@@ -23,7 +23,7 @@ from dask_hetzner.cli import cli
 
 pytestmark = pytest.mark.slow
 
-VERBS = ["create", "ls", "ssh", "scale", "logs", "destroy", "nuke", "types", "sim", "demo"]
+VERBS = ["create", "ls", "ssh", "scale", "logs", "destroy", "nuke", "types", "sim", "demo", "dashboard", "access"]
 
 
 def one_line_error(result) -> str:
@@ -159,9 +159,12 @@ def lifecycle(sim, env, state) -> None:
     one = run(env, "logs", "cli1", "worker-0", "--lines", "5")
     assert "==> worker-0 <==" in one.stdout and "==> scheduler <==" not in one.stdout
 
+    assert_dashboard(env)
+
     scaled = run(env, "scale", "cli1", "2")
     assert scaled.returncode == 0, scaled.stderr
     assert "1 -> 2 workers" in scaled.stdout
+    assert "worker-1: installing" in scaled.stdout and "reattaching" in scaled.stdout  # progress
     assert sorted(s.name for s in servers_of(sim, "cli1")) == ["cli1-scheduler", "cli1-worker-0", "cli1-worker-1"]
     assert (cdir / "hosts" / "cli1-worker-1.json").is_file()  # pinned as it came
     scaled = run(env, "scale", "cli1", "1")
@@ -169,11 +172,51 @@ def lifecycle(sim, env, state) -> None:
     assert len(servers_of(sim, "cli1")) == 2
     assert not (cdir / "hosts" / "cli1-worker-1.json").exists()  # and forgotten as it went
 
-    destroyed = run(env, "destroy", "cli1")
+    # Another machine: the access in one passphrase-protected file, imported into a second
+    # state directory, from where the cluster is scaled and destroyed.
+    other, shared = state.parent / "other-state", state.parent / "cli1.access"
+    env_b = {**env, "DASK_HETZNER__STATE_DIR": str(other)}
+    exported = run(env, "access", "export", "cli1", str(shared), "--encrypt", input="pw\npw\n")
+    assert exported.returncode == 0, exported.stderr
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600
+    assert sim.token not in shared.read_text() and "PRIVATE KEY" not in shared.read_text()
+    wrong = run(env_b, "access", "import", str(shared), input="nope\n")
+    assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr and "Traceback" not in wrong.stderr
+    imported = run(env_b, "access", "import", str(shared), input="pw\n")
+    assert imported.returncode == 0, imported.stderr
+    scaled = run(env_b, "scale", "cli1", "0")
+    assert scaled.returncode == 0, scaled.stderr
+    assert "retiring 1 worker(s)" in scaled.stdout
+    assert [s.name for s in servers_of(sim, "cli1")] == ["cli1-scheduler"]
+
+    destroyed = run(env_b, "destroy", "cli1")
     assert destroyed.returncode == 0, destroyed.stderr
+    assert "deleting 1 server," in destroyed.stdout
     assert sim.leaks() == {}
+    assert not (other / "cli1").exists()
+    # The first machine's state now names a cluster that is gone: nuke clears it.
+    assert run(env, "nuke", "cli1", "--yes").returncode == 0
     assert not cdir.exists()
     assert run(env, "ls").stdout.strip() == "No clusters in this project."
+
+
+def assert_dashboard(env) -> None:
+    """`dashboard`: a tunnel whose printed link answers, closed by Ctrl-C without a traceback."""
+    import urllib.request
+
+    proc = start(env, "dashboard", "cli1")
+    try:
+        (line,) = read_until(proc.stdout, "Dashboard: http://127.0.0.1:", timeout=120)[-1:]
+        link = line.split()[1]
+        with urllib.request.urlopen(link, timeout=30) as r:
+            assert r.status == 200 and b"Dask" in r.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def assert_interactive_pty(env) -> None:
@@ -297,6 +340,14 @@ def test_types(sim, tmp_path):
     assert any(r["architecture"] == "arm" for r in rows.values())
     table = run(env, "types")
     assert table.returncode == 0 and "cx23" in table.stdout and "fsn1" in table.stdout
+    # At 80 columns: the header on one line, a type's numbers on its own line.
+    narrow = run({**env, "COLUMNS": "80"}, "types")
+    lines = narrow.stdout.splitlines()
+    assert lines[0].split() == ["name", "vCPU", "GB", "disk", "arch", "cpu", "EUR/h", "EUR/mo", "where"]
+    assert max(len(line) for line in lines) <= 80
+    for line in lines:
+        if line.split() and line.split()[0] in rows:
+            assert len(line.split()) >= 9, line
 
 
 def test_sim_verb():
@@ -323,3 +374,21 @@ def test_demo_verb(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "demo summary" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_listing_verbs_import_neither_distributed_nor_asyncssh(sim, tmp_path):
+    """`ls` and `types` start fast: they load neither distributed nor asyncssh (seconds here)."""
+    code = (
+        "import sys\n"
+        "from dask_hetzner.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'distributed', 'asyncssh'}), file=sys.stderr)\n"
+    )
+    for verb in ("ls", "types"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, verb], env=cli_env(sim, tmp_path), capture_output=True, text=True, timeout=120
+        )
+        assert done.stderr.strip().splitlines()[-1] == "[]", (verb, done.stderr)

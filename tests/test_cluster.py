@@ -175,10 +175,16 @@ def test_firewall_only_opens_ssh(sim):
             assert server.private_net, "scheduler must be on the private network"
 
 
-def test_failing_bootstrap_is_reported_and_rolled_back(sim):
+def test_failing_bootstrap_is_reported_and_rolled_back(sim, caplog):
+    """A misspelled package: not retried, the cause in the first line, the log's tail after."""
     with pytest.raises(Exception, match="bootstrap.log") as info:
         HetznerCluster(workers=1, name="boot1", packages=["dask-hetzner-no-such-package==0.0.1"])
-    assert "dask-hetzner-no-such-package" in str(info.value)
+    first, *rest = str(info.value).splitlines()
+    assert "the packages cannot be installed (not retried)" in first
+    assert "dask-hetzner-no-such-package was not found in the package registry" in first
+    assert str(info.value).count("was not found") == 2 and len(rest) <= 16  # the cause, then the tail once
+    assert not any("warning:" in line for line in rest)
+    assert not [r for r in caplog.records if "trying once more" in r.getMessage()]
     assert servers_of(sim, "boot1") == []
 
 
@@ -324,6 +330,7 @@ def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     script = tmp_path / "forget.py"
     script.write_text(
@@ -345,6 +352,10 @@ def test_open_cluster_is_deleted_at_exit(sim, tmp_path):
     assert out.stdout.strip() == "up", out.stderr[-2000:]
     assert out.returncode == 0, out.stderr[-2000:]
     assert sim.leaks() == {}
+    # Quietly: one line saying so, no traceback; and no keys left in the local state.
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr[-2000:]
+    assert "cluster exit1: still open at exit: deleting it" in out.stderr
+    assert not (Path(os.environ["DASK_HETZNER__STATE_DIR"]) / "exit1").exists()
 
 
 @pytest.mark.parametrize(

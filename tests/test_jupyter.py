@@ -107,7 +107,7 @@ async def test_labextension_cluster_manager(sim):
 class Lab:
     """A real ``jupyter lab`` in a subprocess and a tiny REST client for it."""
 
-    def __init__(self, sim, tmp: Path) -> None:
+    def __init__(self, sim, tmp: Path, name: str = "lab2") -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -117,7 +117,7 @@ class Lab:
             # The Hetzner side entirely from the environment, as a user would set it.
             "HCLOUD_TOKEN": sim.token,
             "HCLOUD_ENDPOINT": sim.endpoint,
-            "DASK_HETZNER__NAME": "lab2",
+            "DASK_HETZNER__NAME": name,
             "DASK_HETZNER__SSH_PORT": str(config["ssh-port"]),
             "DASK_HETZNER__SCHEDULER_PORT": "0",
             "DASK_HETZNER__DASHBOARD_PORT": "0",
@@ -129,6 +129,8 @@ class Lab:
             "DASK_CONFIG": str(tmp / "dask"),
             "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config"),
             "JUPYTER_RUNTIME_DIR": str(tmp / "jupyter-runtime"),
+            # A hung server killed with SIGABRT leaves its threads' stacks in the log.
+            "PYTHONFAULTHANDLER": "1",
         }
         self.log = open(tmp / "jupyter.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -167,9 +169,9 @@ class Lab:
                 f"{method} {path}: {e.code} {e.read()[:500]!r}\n--- jupyter log ---\n{self.tail()}"
             ) from None
 
-    def tail(self) -> str:
+    def tail(self, lines: int = 40) -> str:
         self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -197,6 +199,15 @@ class Lab:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self.log.close()
+
+
+KERNEL_CODE = """
+import dask_hetzner
+client = dask_hetzner.connect("lab2")
+print(client.submit(lambda x: x + 1, 1).result())
+print(client.dashboard_link)
+client.close()
+"""
 
 
 def test_jupyterlab_rest_api(sim, tmp_path):
@@ -233,9 +244,19 @@ def test_jupyterlab_rest_api(sim, tmp_path):
             assert time.monotonic() < deadline, f"no worker through PATCH within 180 s:\n{lab.tail()}"
             time.sleep(0.5)
 
+        # A kernel's one line: a Client through the Jupyter server's tunnel, which computes,
+        # and whose dashboard link (built from the scheduler's port) is the tunnel's.
+        kernel = subprocess.run(
+            [sys.executable, "-c", KERNEL_CODE], env={**os.environ, "HCLOUD_TOKEN": ""},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert kernel.returncode == 0, kernel.stderr[-3000:]
+        assert kernel.stdout.split() == ["2", model["dashboard_link"]], kernel.stdout
+
         status, _ = lab.request("DELETE", f"/dask/clusters/{cid}")
         assert status == 204
         assert lab.request("GET", "/dask/clusters")[1] == []
         assert sim.leaks() == {}, lab.tail()
     finally:
         lab.stop()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -30,6 +31,45 @@ def state_dir(sim, tmp_path):
         yield path
 
 
+DASK_CTL_LIST = """
+# What dask-ctl's discover_clusters does: the entry point, then cls.from_name(name) called
+# synchronously inside its running loop; then the process exits.
+import asyncio
+from importlib.metadata import entry_points
+
+async def main():
+    (ep,) = [e for e in entry_points(group="dask_cluster_discovery") if e.name == "hetzner"]
+    async for name, cls in ep.load()():
+        cluster = cls.from_name(name)
+        print(cluster.name, len(cluster.workers))
+
+asyncio.run(main())
+"""
+
+
+def assert_dask_ctl_lists_without_taking_over(sim, env) -> None:
+    """dask-ctl's discovery finds the cluster; its view (and `dask cluster list`, a whole
+    process that rebuilds and drops it) deletes nothing."""
+    from dask_hetzner.discovery import HetznerClusterView, discover
+
+    async def names() -> list:
+        return [found async for found in discover()]
+
+    assert asyncio.run(names()) == [("re1", HetznerClusterView)]
+    view = HetznerClusterView.from_name("re1")
+    assert set(view.workers) == {"worker-0"} and not view.owns_resources
+    view.close()
+    assert len(servers_of(sim, "re1")) == 2
+    # dask-ctl's way in another process, which then exits (dask-ctl 2024.1.0 itself fails
+    # to import with this distributed: it needs distributed.cli.utils.install_signal_handlers).
+    listed = subprocess.run(
+        [sys.executable, "-c", DASK_CTL_LIST], env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert listed.returncode == 0 and listed.stdout.split() == ["re1", "1"], listed.stdout + listed.stderr
+    assert "still open at exit" not in listed.stderr
+    assert len(servers_of(sim, "re1")) == 2
+
+
 @pytest.mark.timeout(600)
 def test_reattach_from_another_process(sim, state_dir, tmp_path):
     """Process A creates a cluster and crashes; this process reattaches, computes, scales, closes."""
@@ -54,6 +94,7 @@ def test_reattach_from_another_process(sim, state_dir, tmp_path):
         a.kill()  # the crash: no close, no atexit
         a.wait(timeout=60)
     assert len(servers_of(sim, "re1")) == 2
+    assert_dask_ctl_lists_without_taking_over(sim, cli_env(sim, state_dir))
 
     cluster = HetznerCluster.from_name("re1")
     try:
@@ -174,3 +215,4 @@ def test_list_and_nuke_go_by_label_equality(sim, state_dir):
     assert not (state_dir / "c").exists() and (state_dir / "c2").exists()
     nuke("c2")
     assert list_clusters() == [] and sim.leaks() == {}
+

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,32 @@ logger = logging.getLogger(__name__)
 
 
 class BootstrapError(RuntimeError):
-    """Building a server's environment failed; the message quotes the end of its log."""
+    """Building a server's environment failed; the message leads with the cause in one line,
+    then quotes the end of its log. ``deterministic``: trying again cannot help."""
+
+    def __init__(self, message: str, deterministic: bool = False) -> None:
+        super().__init__(message)
+        self.deterministic = deterministic
+
+
+# uv's words for requirements that cannot be met: the same on every try and every server.
+_UNSATISFIABLE = ("No solution found when resolving dependencies", "requirements are unsatisfiable")
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")
+
+
+def bootstrap_failure(server: str, status: int, log: str, log_name: str) -> BootstrapError:
+    """The error for a failed bootstrap from its log: the last attempt's lines without
+    timestamps and uv's warnings; its cause (uv's ``cause:`` or first ``error:``) first."""
+    lines = [_STAMP.sub("", line) for line in log.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("bootstrap ") and " on " in line]
+    tail = [line for line in lines[starts[-1] if starts else 0 :] if not line.startswith("warning:")]
+    causes = [line.strip().removeprefix("cause: ") for line in tail if line.strip().startswith("cause:")]
+    causes += [line.removeprefix("error: ") for line in tail if line.startswith("error:")]
+    deterministic = any(marker in log for marker in _UNSATISFIABLE)
+    what = "the packages cannot be installed (not retried)" if deterministic else f"bootstrap failed (status {status})"
+    cause = causes[0] if causes else "see the log below"
+    quoted = "\n".join(tail[-15:])
+    return BootstrapError(f"server {server}: {what}: {cause}\nlast lines of ~/{log_name}:\n{quoted}", deterministic)
 
 
 @dataclass
@@ -125,6 +151,8 @@ async def _bootstrap_twice(
     try:
         await bootstrap(ctx, conn, role, server, snap)
     except BootstrapError as e:
+        if e.deterministic:
+            raise  # unsatisfiable requirements: the same answer every time
         # A mirror or DNS blip on one server; the script is idempotent: once more.
         # The whole message: it quotes the end of the log, the only record of the cause.
         logger.warning("%s: bootstrap failed, trying once more: %s", server.name, e)
@@ -140,11 +168,8 @@ async def bootstrap(
         f"bash {layout.BOOTSTRAP_SCRIPT}", check=False, timeout=ctx.settings.timeouts["bootstrap"]
     )
     if result.exit_status != 0:
-        log = await conn.run(f"tail -n 25 {layout.BOOTSTRAP_LOG}", check=False, timeout=30)
-        raise BootstrapError(
-            f"bootstrap of server {server.name} ({server.public_ip}) failed with exit status "
-            f"{result.exit_status}; last lines of ~/{layout.BOOTSTRAP_LOG}:\n{log.stdout.rstrip()}"
-        )
+        log = await conn.run(f"tail -n 60 {layout.BOOTSTRAP_LOG}", check=False, timeout=30)
+        raise bootstrap_failure(server.name, result.exit_status, log.stdout, layout.BOOTSTRAP_LOG)
     # The script's standard output is the environment's versions as JSON.
     environment.check_versions(ctx.versions, json.loads(result.stdout), where=server.name)
 

@@ -34,8 +34,16 @@ class Tunnel:
         """Whether the forwards work now (False while reconnecting)."""
         return not self._closing and not self.conn.is_closed()
 
-    async def forward(self, remote_host: str, remote_port: int) -> int:
-        _, local = await self.conn.forward_local(remote_host, remote_port)
+    async def forward(self, remote_host: str, remote_port: int, *, same_port: bool = False) -> int:
+        """Forward a free local port (``same_port``: ``remote_port`` itself if it is free)."""
+        local = 0
+        if same_port:
+            try:
+                _, local = await self.conn.forward_local(remote_host, remote_port, local_port=remote_port)
+            except RemoteError:
+                local = 0  # taken here: any port
+        if not local:
+            _, local = await self.conn.forward_local(remote_host, remote_port)
         self._forwards.append((remote_host, remote_port, local))
         if self._task is None:
             self._task = asyncio.create_task(self._supervise())

@@ -74,7 +74,9 @@ class ClusterLifecycle(SpecCluster):
         """Every user choice checked against the API before anything is created."""
         s, cloud = self.settings, self._ctx.cloud
         await cloud.check_token()
-        await cloud.check_choices([s.scheduler_server_type, s.worker_server_type], s.location, s.image)
+        await cloud.check_choices(
+            [s.scheduler_server_type, s.worker_server_type], s.location, s.image, s.fallback_locations
+        )
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
         check_size(len(self.worker_spec), "starting the cluster")
         cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")

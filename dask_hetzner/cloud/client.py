@@ -105,9 +105,12 @@ class Cloud:
     async def locations(self) -> dict[str, LocationInfo]:
         return await self.catalog.locations()
 
-    async def check_choices(self, types: Iterable[str], location: str, image: str) -> None:
-        """Raise ConfigError, listing the valid choices, for an unknown type, location or image."""
-        await self.catalog.check_choices(types, location, image)
+    async def check_choices(
+        self, types: Iterable[str], location: str, image: str, fallbacks: Iterable[str] = ()
+    ) -> None:
+        """Raise ConfigError, listing the valid choices, for an unknown type, location or image
+        (a type the location lacks passes when a fallback offers it)."""
+        await self.catalog.check_choices(types, location, image, fallbacks)
 
     async def image_id(self, name: str, architecture: str) -> int:
         return await self.catalog.image_id(name, architecture)

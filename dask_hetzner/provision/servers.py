@@ -32,6 +32,20 @@ from .shared import SharedResources
 logger = logging.getLogger(__name__)
 
 
+def group_full(e: CloudError) -> bool:
+    """A spread placement group that holds 10 servers already: ``placement_group_member_limit_reached``
+    today, ``service_error`` before (terraform-provider-hcloud #1170), ``placement_error`` for a
+    spread placement that cannot be met (docs/simulator.md, "Deliberate behaviours")."""
+    if e.code in ("placement_group_member_limit_reached", "placement_error"):
+        return True
+    return e.code == "service_error" and "placement group" in e.api_message
+
+
+def not_offered(e: CloudError) -> bool:
+    """Hetzner's 422 for a type that location does not sell at all (not a sold-out 412)."""
+    return e.code == "invalid_input" and "unsupported location" in e.api_message
+
+
 class Login:
     """Log in as root with the cluster's key, trusting only the pinned host key."""
 
@@ -122,9 +136,15 @@ class ServerFactory:
         self.servers[server.name] = server
 
     def _locations(self, server_type: str) -> list[str]:
-        # A type sold out in a location stays so for a while: later servers go elsewhere first.
+        # A type sold out in a location stays so for a while: later servers go elsewhere first,
+        # and so do they where the catalog read at the start says it cannot be ordered.
         preferred = self.settings.locations
-        first = [x for x in preferred if (server_type, x) not in self._sold_out]
+        types = self.cloud.cached_server_types() or {}
+        info = types.get(server_type)
+        first = [
+            x for x in preferred
+            if (server_type, x) not in self._sold_out and (info is None or x in info.available)
+        ]  # fmt: skip
         return first + [x for x in preferred if x not in first]
 
     async def create(
@@ -143,11 +163,11 @@ class ServerFactory:
                 except CloudError as e:
                     self.shared.release(name)
                     last = e
-                    if e.code == "placement_error":
+                    if group_full(e):
                         # Full (or out of spread capacity): next time use another group.
                         self.shared.mark_full(group)
                         continue
-                    if e.code == "resource_unavailable":
+                    if e.code == "resource_unavailable" or not_offered(e):
                         self._sold_out.add((server_type, location))
                         break
                     raise
@@ -181,6 +201,13 @@ class ServerFactory:
         )
 
     def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
+        if not_offered(last):
+            return CloudError(
+                f"creating server {name}: server type {server_type} is not offered in "
+                f"{', '.join(tried)} (dask-hetzner types lists where each type is sold)",
+                last.code,
+                last.api_message,
+            )
         if last.code != "resource_unavailable":
             return last
         hint = "" if self.settings.fallback_locations else " (set fallback_locations to try others)"
@@ -292,7 +319,6 @@ class ServerFactory:
 
     async def delete(self, server: ServerInfo, *, wait: bool = True) -> None:
         self._deleted.add(server.id)
-        self.shared.release(server.name)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)
         await self.pins.forget(server)
@@ -300,6 +326,7 @@ class ServerFactory:
             await self.watcher.wait_gone(
                 server.id, timeout=self.settings.timeouts["close"], worker=server.labels.get(LABEL_WORKER)
             )
+            self._release(server)
         elif not self.closing:
             # Nobody waits for it (a retired worker): a lazy poll still sees it go.
             task = asyncio.ensure_future(self._confirm_gone(server))
@@ -311,12 +338,19 @@ class ServerFactory:
         timeout = self.settings.timeouts["close"]
         try:
             await self.watcher.wait_gone(server.id, timeout=timeout, worker=worker, lazy=True)
+            self._release(server)
         except TimeoutError:
             # A delete action that failed: the server would be billed until the cluster closes.
             logger.warning("server %s still exists %.0f s after its delete: deleting it again", server.name, timeout)
             await self.cloud.delete_server(server.id)
         except Exception as e:
             logger.warning("confirming the deletion of server %s: %s", server.name, e)
+
+    def _release(self, server: ServerInfo) -> None:
+        # Its placement group's slot frees only once the API confirms it is gone (a deleted
+        # server still counts: placement_group_member_limit_reached); not a successor's slot.
+        if server.name not in self.servers:
+            self.shared.release(server.name)
 
     def forget_all(self) -> None:
         """Teardown confirmed that every server of the cluster is gone."""

@@ -67,6 +67,10 @@ API_FAULTS: dict[str, Kind] = {
     # (a client timeout then retries and meets the real uniqueness error).
     "uniqueness_error": Kind(409, "uniqueness_error", "name is already used", "POST", _CREATE, ("field", "delay")),
     "placement_error": Kind(422, "placement_error", "error during placement", "POST", r"^/servers$"),
+    # 422 for a spread group that holds 10 servers, as Hetzner answers it today.
+    "placement_group_member_limit_reached": Kind(
+        422, "placement_group_member_limit_reached", "placement group contains already 10 servers", "POST", r"^/servers$"
+    ),
     "conflict": Kind(
         409,
         "conflict",

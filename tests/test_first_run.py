@@ -1,0 +1,71 @@
+"""What a first run on Hetzner meets that a lenient simulator would let slide (issue 15).
+
+Each test turns on the simulator's behaviour as Hetzner has it (docs/simulator.md,
+"Deliberate behaviours") and checks what the user gets: a cluster that works, or one line
+that says what went wrong and what to do; and nothing left behind (the ``sim`` fixture).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+import pytest
+import support
+
+from dask_hetzner import HetznerCluster
+from dask_hetzner.cloud import LABEL_CLUSTER
+
+pytestmark = pytest.mark.slow
+
+FAST = {
+    "hetzner.api.backoff-base": "20ms",
+    "hetzner.api.backoff-max": "500ms",
+    "hetzner.timeouts.api-request": "10s",
+    "hetzner.timeouts.server-create": "20s",
+    "hetzner.timeouts.ssh": "20s",
+    "hetzner.timeouts.process-start": "60s",
+    "hetzner.timeouts.close": "30s",
+}
+
+
+@pytest.fixture
+def fsim(sim: Any) -> Iterator[Any]:
+    with dask.config.set(FAST):
+        yield sim
+
+
+def connected(cluster: HetznerCluster, workers: int) -> None:
+    support.wait_until(
+        lambda: len(cluster.scheduler_info.get("workers", {})) == workers,
+        timeout=60,
+        what=f"{workers} workers connected",
+        interval=0.1,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_fallback_offers_the_type_and_a_full_group_answers_its_real_code(fsim: Any) -> None:
+    """Items 3 and 5: cax41 is sold out in hel1 (the catalog says so) but fsn1 has it: the
+    start is not refused, the worker goes to fsn1; a spread group that answers
+    ``placement_group_member_limit_reached`` is left for a new one."""
+    rule = fsim.inject("placement_group_member_limit_reached", nth=1)
+    with HetznerCluster(
+        workers=1, name="fr3", location="hel1", fallback_locations=["fsn1"], worker_server_type="cax41"
+    ) as cluster:
+        connected(cluster, 1)
+        where = {s.role: s.location for s in cluster.context.servers.values()}
+        assert where == {"scheduler": "hel1", "worker": "fsn1"}, where
+        assert rule.hits == 1
+        groups = support.sdk(fsim).placement_groups.get_all(label_selector=f"{LABEL_CLUSTER}=fr3")
+        assert len(groups) == 2
+
+
+def test_a_type_no_location_offers_is_refused_up_front(fsim: Any) -> None:
+    """Item 3: cax41 sold out in hel1 and no fallback: refused before anything exists."""
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"server type 'cax41' cannot be ordered in hel1; types orderable"):
+        HetznerCluster(workers=1, name="fr3b", location="hel1", worker_server_type="cax41")
+    assert fsim.resources()["servers"] == [] and time.monotonic() - t0 < 20

@@ -25,6 +25,7 @@ from .settings import (
     MAX_WORKERS,
     SERVERS_PER_NETWORK,
     ClusterSettings,
+    check_server_limit,
     check_size,
     worker_count,
 )
@@ -73,6 +74,12 @@ class HetznerCluster(ClusterLifecycle):
         Delete the whole cluster (never just power it off: Hetzner bills stopped servers) after
         this long without work and without a connected client, even if this process is gone.
         The API token then goes to the scheduler's server: see ``docs/security-idle.md``.
+    server_limit:
+        The account's server limit, as the Hetzner Cloud Console shows it (the API cannot tell
+        it): a start or scale that needs more servers is refused before anything is created.
+    allow_fewer_workers:
+        When a start meets the account's server limit (``403 resource_limit_exceeded``), go on
+        with the workers that fit instead of failing (the scheduler is then created first).
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -100,6 +107,8 @@ class HetznerCluster(ClusterLifecycle):
         progress: Callable[[str, str], None] | None = None,
         max_hourly_cost: float | None = None,
         idle_timeout: str | float | None = None,
+        server_limit: int | None = None,
+        allow_fewer_workers: bool | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
@@ -115,6 +124,7 @@ class HetznerCluster(ClusterLifecycle):
                 packages=packages, connect=connect, allowed_cidrs=allowed_cidrs,
                 worker_options=worker_options, scheduler_options=scheduler_options,
                 max_hourly_cost=max_hourly_cost, idle_timeout=idle_timeout,
+                server_limit=server_limit, allow_fewer_workers=allow_fewer_workers,
             )  # fmt: skip
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
         self._ctx = self._context(settings, attach, api_endpoint, progress)
@@ -294,6 +304,7 @@ class HetznerCluster(ClusterLifecycle):
         if cores is not None:
             n = max(n, math.ceil(cores / int(self._worker_options()["nthreads"])))
         check_size(n, "scaling")
+        check_server_limit(self.settings, n, "scaling")
         cost.check(self.settings, self._server_types, n, "scaling")
         return super().scale(n)
 

@@ -21,12 +21,14 @@ from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
 from . import __version__, cost, manage, reattach
+from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
+from .provision.limits import WHERE_TO_RAISE, is_limit
 from .provision.tasks import Provisioner
-from .settings import ClusterSettings, check_same_zone, check_size
+from .settings import ClusterSettings, check_same_zone, check_server_limit, check_size
 from .state import ClusterState
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class ClusterLifecycle(SpecCluster):
         )
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
         check_size(len(self.worker_spec), "starting the cluster")
+        check_server_limit(s, len(self.worker_spec), "starting the cluster")
         cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
         adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
         if adaptive is not None and cap is not None and adaptive.maximum > cap:
@@ -209,12 +212,33 @@ class ClusterLifecycle(SpecCluster):
             self._provisioner.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
-            await super()._start()
+            await self._start_unless_limited()
         except BaseException:
             self.status = Status.failed
             await asyncio.shield(self._teardown())
             raise
 
+
+    async def _start_unless_limited(self) -> None:
+        """SpecCluster's start; the account's server limit fails it at once (every server
+        created meanwhile is billed a started hour), unless allow-fewer-workers is set."""
+        factory = self._ctx.factory
+        start = asyncio.ensure_future(super()._start())
+        if self.settings.allow_fewer_workers:
+            return await start
+        limit = asyncio.ensure_future(factory.limit_event.wait())
+        try:
+            await asyncio.wait({start, limit}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await cancelled(start)  # Ctrl-C: the caller rolls back; nothing goes on starting
+            raise
+        finally:
+            limit.cancel()
+        if not start.done():
+            await cancelled(start)
+        if factory.limit_hit is not None:
+            raise factory.limit_hit.starting(self.name, len(self.worker_spec)) from None
+        start.result()
 
     async def _close(self) -> None:
         # A detached cluster only disconnects; else every server is deleted at once.
@@ -292,8 +316,9 @@ class ClusterLifecycle(SpecCluster):
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
         except Exception as e:
-            # The initial workers failing fails the start (and rolls back everything).
-            if initial or self.status != Status.running:
+            # The initial workers failing fails the start (and rolls back everything), unless
+            # the account's server limit stopped them and the user allowed fewer.
+            if (initial or self.status != Status.running) and not self._fewer_allowed(e):
                 raise
             self._drop_failed_workers(e)
 
@@ -314,6 +339,15 @@ class ClusterLifecycle(SpecCluster):
             )  # fmt: skip
             return True
         return False
+
+    def _fewer_allowed(self, e: Exception) -> bool:
+        if not (self.settings.allow_fewer_workers and isinstance(e, CloudError) and is_limit(e)):
+            return False
+        logger.warning(
+            "cluster %s: the Hetzner account's server limit is reached; going on with the workers "
+            "that fit (hetzner.allow-fewer-workers); %s", self.name, WHERE_TO_RAISE,
+        )  # fmt: skip
+        return True
 
     def _drop_failed_workers(self, e: Exception) -> None:
         # A worker that failed to start after the cluster was up: its node deleted its

@@ -49,6 +49,8 @@ STORED = (
     "scheduler_options",
     "max_hourly_cost",
     "idle_timeout",
+    "server_limit",
+    "allow_fewer_workers",
 )
 # cluster.json files written before the settings record named two fields differently.
 _LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
@@ -76,6 +78,10 @@ class ClusterSettings:
     timeouts: Mapping[str, float]
     uv_version: str
     index_url: str | None
+    # The account's server limit as the user knows it (the API has no endpoint for it).
+    server_limit: int | None = None
+    # Hitting the account's server limit while starting: go on with the workers that fit.
+    allow_fewer_workers: bool = False
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -112,6 +118,8 @@ class ClusterSettings:
             timeouts=a("timeouts") or {k: config.seconds(f"timeouts.{k}") for k in TIMEOUT_KEYS},
             uv_version=_pick("uv-version", a("uv_version")),
             index_url=_pick("index-url", a("index_url")),
+            server_limit=_server_limit(_pick("server-limit", a("server_limit"))),
+            allow_fewer_workers=bool(_pick("allow-fewer-workers", a("allow_fewer_workers"))),
         )
 
     @classmethod
@@ -164,6 +172,17 @@ def check_size(n: int, what: str) -> None:
         )
 
 
+def check_server_limit(settings: ClusterSettings, workers: int, what: str) -> None:
+    """Refuse a size past ``hetzner.server-limit`` before any server is created."""
+    limit = settings.server_limit
+    if limit is not None and workers + 1 > limit:
+        raise ConfigError(
+            f"{what} with {workers} workers needs {workers + 1} servers (with the scheduler), more than "
+            f"hetzner.server-limit={limit}, the account's server limit as you set it; raise the limit in "
+            "the Hetzner Cloud Console (Limits) and this setting, or use fewer, larger servers"
+        )
+
+
 def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iterable[str]) -> None:
     """Fallback locations must be known and in the location's network zone (one network)."""
     zone = locations[location].network_zone
@@ -181,6 +200,14 @@ def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iter
 
 def _pick(key: str, value: Any) -> Any:
     return dask.config.get(f"hetzner.{key}", override_with=value)
+
+
+def _server_limit(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"server_limit must be a whole number of servers (1 or more), got {value!r}")
+    return value
 
 
 def _positive(value: Any, what: str) -> float | None:

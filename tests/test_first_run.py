@@ -69,3 +69,41 @@ def test_a_type_no_location_offers_is_refused_up_front(fsim: Any) -> None:
     with pytest.raises(Exception, match=r"server type 'cax41' cannot be ordered in hel1; types orderable"):
         HetznerCluster(workers=1, name="fr3b", location="hel1", worker_server_type="cax41")
     assert fsim.resources()["servers"] == [] and time.monotonic() - t0 < 20
+
+
+LIMIT_5 = pytest.mark.parametrize("sim", [{"server_limit": 5}], indirect=True)
+
+
+@LIMIT_5
+@pytest.mark.timeout(120)
+def test_the_account_server_limit_fails_the_start_with_what_to_do(fsim: Any) -> None:
+    """Item 1: 6 servers asked of an account that holds 5: one error naming the limit, what
+    was asked and where to raise it; everything created is deleted."""
+    with pytest.raises(Exception) as info:
+        HetznerCluster(workers=5, name="fr1")
+    text = str(info.value)
+    assert "\n" not in text, text
+    assert "starting cluster fr1 needs 6 servers (the scheduler and 5 workers)" in text, text
+    assert "server limit" in text and "Hetzner Cloud Console (Limits)" in text, text
+    assert "hetzner.allow-fewer-workers" in text and "resource_limit_exceeded" in text, text
+
+
+@pytest.mark.parametrize("sim", [{"server_limit": 3}], indirect=True)
+@pytest.mark.timeout(150)
+def test_allow_fewer_workers_goes_on_with_those_that_fit(fsim: Any) -> None:
+    """Item 1: with allow_fewer_workers the scheduler is created first and 2 of 4 workers fit
+    (an account of 3 servers: fewer servers than the test above, for time); the cluster runs
+    with them."""
+    with HetznerCluster(workers=4, name="fr1b", allow_fewer_workers=True) as cluster:
+        connected(cluster, 2)
+        assert len(cluster.workers) == 2 and len(cluster.worker_spec) == 2
+        assert {s.role for s in cluster.context.servers.values()} == {"scheduler", "worker"}
+        assert len(fsim.resources()["servers"]) == 3
+
+
+def test_a_known_server_limit_refuses_the_start_up_front(fsim: Any) -> None:
+    """Item 1: hetzner.server-limit=3 and 3 workers: refused before any server exists."""
+    with dask.config.set({"hetzner.server-limit": 3}):
+        with pytest.raises(Exception, match=r"starting the cluster with 3 workers needs 4 servers"):
+            HetznerCluster(workers=3, name="fr1c")
+    assert fsim.resources()["servers"] == []

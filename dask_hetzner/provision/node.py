@@ -59,6 +59,8 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     announce: asyncio.Future[None] | None = None
     try:
         ctx.report(name, "creating")
+        if role == "worker" and ctx.settings.allow_fewer_workers:
+            await _scheduler_first(ctx, name)
 
         async def created(new: ServerInfo) -> None:
             await ctx.pins.pin(new, host_key.public_openssh)
@@ -95,6 +97,16 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     except BaseException:
         await _undo(ctx, reached, announce)
         raise
+
+
+async def _scheduler_first(ctx: ClusterContext, name: str) -> None:
+    """With ``allow-fewer-workers``, the account's server limit must strike a worker, never
+    the scheduler: workers' creates wait until the scheduler's server exists."""
+    timeout = ctx.settings.timeouts["server-create"]
+    try:
+        await asyncio.wait_for(ctx.factory.scheduler_recorded.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"worker {name}: the scheduler's server was not created within {timeout:g} s") from None
 
 
 async def _undo(ctx: ClusterContext, reached: Reached | None, announce: asyncio.Future[None] | None) -> None:

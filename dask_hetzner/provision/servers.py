@@ -17,6 +17,7 @@ from typing import Any
 from .. import remote
 from ..aio import cancelled
 from ..cloud import (
+    LABEL_ROLE,
     LABEL_WORKER,
     ActionFailed,
     Cloud,
@@ -26,6 +27,7 @@ from ..cloud import (
     ServerWatcher,
 )
 from ..settings import ClusterSettings
+from .limits import WHERE_TO_RAISE, ServerLimitReached, is_limit
 from .pins import HostKeyPins
 from .shared import SharedResources
 
@@ -126,6 +128,10 @@ class ServerFactory:
         self._confirming: set[asyncio.Future[None]] = set()  # deletions confirmed in the background
         # The whole cluster is being deleted: retired servers need no confirmation one by one.
         self.closing = False
+        # The account's server limit struck (the first such error), and when.
+        self.limit_hit: ServerLimitReached | None = None
+        self.limit_event = asyncio.Event()
+        self.scheduler_recorded = asyncio.Event()  # its server exists (allow-fewer-workers)
 
     def begin_closing(self) -> None:
         """The whole cluster is being deleted: teardown confirms every deletion at once."""
@@ -134,6 +140,8 @@ class ServerFactory:
     def record(self, server: ServerInfo) -> None:
         """The API's latest view of one of this cluster's servers."""
         self.servers[server.name] = server
+        if server.labels.get(LABEL_ROLE) == "scheduler":
+            self.scheduler_recorded.set()
 
     def _locations(self, server_type: str) -> list[str]:
         # A type sold out in a location stays so for a while: later servers go elsewhere first,
@@ -170,6 +178,8 @@ class ServerFactory:
                     if e.code == "resource_unavailable" or not_offered(e):
                         self._sold_out.add((server_type, location))
                         break
+                    if is_limit(e):
+                        raise self._limit_reached(name, e) from None
                     raise
                 except BaseException:
                     self.shared.release(name)
@@ -199,6 +209,18 @@ class ServerFactory:
                 labels=labels,
             )
         )
+
+    def _limit_reached(self, name: str, e: CloudError) -> ServerLimitReached:
+        error = ServerLimitReached(
+            f"creating server {name}: the Hetzner account's server limit is reached with "
+            f"{len(self.servers)} servers of this cluster; {WHERE_TO_RAISE}",
+            e.api_message,
+            len(self.servers),
+        )
+        if self.limit_hit is None:
+            self.limit_hit = error
+            self.limit_event.set()
+        return error
 
     def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
         if not_offered(last):

@@ -107,3 +107,22 @@ def test_a_known_server_limit_refuses_the_start_up_front(fsim: Any) -> None:
         with pytest.raises(Exception, match=r"starting the cluster with 3 workers needs 4 servers"):
             HetznerCluster(workers=3, name="fr1c")
     assert fsim.resources()["servers"] == []
+
+
+async def test_a_read_only_token_is_refused_before_anything_is_created(sim: Any) -> None:
+    """Item 9: a Read token passes every GET; its first POST would fail half-way through a
+    start. The token check sends a POST that creates nothing, and says "read-only"."""
+    from dask_hetzner.cloud import Cloud, ConfigError
+
+    cloud = Cloud(sim.readonly_token, sim.endpoint)
+    try:
+        with pytest.raises(ConfigError, match=r"read-only token .*Read & Write"):
+            await cloud.check_token()
+    finally:
+        cloud.close()
+    cloud = Cloud(sim.token, sim.endpoint)
+    try:
+        await cloud.check_token()  # a Read & Write token passes, and nothing is created
+    finally:
+        cloud.close()
+    assert sim.leaks() == {}

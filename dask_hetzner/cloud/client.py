@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .clusters import Clusters
-from .errors import NO_TOKEN, CloudError, ConfigError, token_refused
+from .errors import NO_TOKEN, TOKEN_READONLY, CloudError, ConfigError, token_refused
 from .model import ClusterResources, LocationInfo, NewServer, ServerInfo, ServerTypeInfo
 from .resources import Resources
 from .retry import RateLimit, Retry
@@ -86,6 +86,13 @@ class Cloud:
             if refused is e:
                 raise
             raise refused from None
+        try:
+            await self.retry.call("checking the API token's write access", self.sdk.check_write)
+        except CloudError as e:
+            if e.code == "token_readonly":
+                raise ConfigError(TOKEN_READONLY) from None
+            if e.code != "invalid_input":
+                raise
 
     async def action_error(self, action_id: int) -> tuple[str, str] | None:
         """``(code, message)`` if the action ended in error, else None."""

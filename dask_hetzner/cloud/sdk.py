@@ -192,6 +192,11 @@ class Sdk:
     def check_token(self) -> None:
         self._client.ssh_keys.get_list(page=1, per_page=1)
 
+    def check_write(self) -> None:
+        """A POST that creates nothing: an empty placement group body is refused (422
+        invalid_input), but a read-only token is refused before that (401 token_readonly)."""
+        self._client.request("POST", "/placement_groups", json={})
+
     def create_ssh_key(self, name: str, labels: dict[str, str], public_key: str) -> ResourceInfo:
         key = self._client.ssh_keys.create(name=name, labels=labels, public_key=public_key)
         return _resource_info("ssh_key", key)

@@ -93,6 +93,8 @@ class Simulator:
         faults: Iterable[FaultRule | str] = (),
     ):
         self.token = token or secrets.token_urlsafe(48)
+        # A read-only token of the same project: GETs only, as a "Read" token on Hetzner.
+        self.readonly_token = secrets.token_urlsafe(48)
         self.host = host
         self.port = port
         self.ssh_port = ssh_port
@@ -154,6 +156,7 @@ class Simulator:
             timing=self.timing,
             token=self.token,
             validate_responses=self.validate_responses,
+            readonly_token=self.readonly_token,
         )
         self._runner = web.AppRunner(self.api.make_app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()

@@ -127,6 +127,7 @@ class Api:
         timing: Timing,
         token: str,
         validate_responses: bool = False,
+        readonly_token: str | None = None,
     ):
         self.store = store
         self.spec = spec
@@ -134,6 +135,7 @@ class Api:
         self.ratelimiter = ratelimiter
         self.timing = timing
         self.token = token
+        self.readonly_token = readonly_token
         self.validate_responses = validate_responses
         self.stats = Stats()
         self.violations: list[str] = []
@@ -183,7 +185,11 @@ class Api:
         if not (full == "/v1" or full.startswith("/v1/")):
             raise not_found()
         path = full[3:] or "/"
-        if request.headers.get("Authorization", "") != f"Bearer {self.token}":
+        auth = request.headers.get("Authorization", "")
+        if self.readonly_token and auth == f"Bearer {self.readonly_token}":
+            if method != "GET":  # Hetzner's "Read" tokens (the spec's 401 token_readonly)
+                raise ApiError(401, "token_readonly", "The token is only allowed to perform GET requests.")
+        elif auth != f"Bearer {self.token}":
             raise ApiError(401, "unauthorized", "unable to authenticate")
         route, path_params, allowed = self._match(method, path)
         if route is not None:

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import dask
+import dask.utils
 import pytest
 import support
 
-from dask_hetzner import HetznerCluster
+from dask_hetzner import HetznerCluster, memory
 from dask_hetzner.cloud import LABEL_CLUSTER
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,11 @@ FAST = {
 def fsim(sim: Any) -> Iterator[Any]:
     with dask.config.set(FAST):
         yield sim
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
 
 
 def connected(cluster: HetznerCluster, workers: int) -> None:
@@ -99,6 +105,11 @@ def test_allow_fewer_workers_goes_on_with_those_that_fit(fsim: Any) -> None:
         assert len(cluster.workers) == 2 and len(cluster.worker_spec) == 2
         assert {s.role for s in cluster.context.servers.values()} == {"scheduler", "worker"}
         assert len(fsim.resources()["servers"]) == 3
+        # Item 7: each worker's memory limit is what its server has (MemTotal, here this
+        # machine's) less the overhead, not 0.9 x the type's nominal 4 GB.
+        expected = dask.utils.parse_bytes(memory.limit_for(_mem_total()))
+        limits = {w["memory_limit"] for w in cluster.scheduler_info["workers"].values()}
+        assert limits == {expected}, (limits, expected)
 
 
 def test_a_known_server_limit_refuses_the_start_up_front(fsim: Any) -> None:

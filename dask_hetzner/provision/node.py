@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import early_start, environment, launch, layout, remote
+from .. import early_start, environment, launch, layout, memory, remote
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
 from ..security import HostKey, cloud_config
@@ -165,7 +165,9 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     await launch.write_tls(ctx.ca, p.conn, f"dask-worker-{name}", [ip])
     preload = await early_start.install(p.conn)
     server_type = (await ctx.cloud.server_types())[ctx.settings.worker_server_type]
-    options = {**launch.worker_defaults(server_type), **options}
+    # What the server really has (MemTotal), unless the user chose: see memory.py.
+    measured = {} if "memory_limit" in options else {"memory_limit": await memory.measured_limit(p.conn)}
+    options = {**launch.worker_defaults(server_type), **measured, **options}
     ctx.report(name, "waiting for the scheduler")
     scheduler = await ctx.scheduler.wait(f"worker {name}")
     command = launch.worker_command(

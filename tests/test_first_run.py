@@ -77,6 +77,7 @@ def test_a_type_no_location_offers_is_refused_up_front(fsim: Any) -> None:
     assert fsim.resources()["servers"] == [] and time.monotonic() - t0 < 20
 
 
+SSH_PORT = 2222
 LIMIT_5 = pytest.mark.parametrize("sim", [{"server_limit": 5}], indirect=True)
 
 
@@ -100,8 +101,14 @@ def test_allow_fewer_workers_goes_on_with_those_that_fit(fsim: Any) -> None:
     """Item 1: with allow_fewer_workers the scheduler is created first and 2 of 4 workers fit
     (an account of 3 servers: fewer servers than the test above, for time); the cluster runs
     with them."""
-    with HetznerCluster(workers=4, name="fr1b", allow_fewer_workers=True) as cluster:
+    # Item 8 too: sshd on another port, which only the server's cloud-config can set (the
+    # simulated sshd listens on 22 otherwise, as Hetzner's images do).
+    with (
+        dask.config.set({"hetzner.ssh-port": SSH_PORT}),
+        HetznerCluster(workers=4, name="fr1b", allow_fewer_workers=True) as cluster,
+    ):
         connected(cluster, 2)
+        assert fsim.ssh_port == 22 and cluster.settings.ssh_port == SSH_PORT
         assert len(cluster.workers) == 2 and len(cluster.worker_spec) == 2
         assert {s.role for s in cluster.context.servers.values()} == {"scheduler", "worker"}
         assert len(fsim.resources()["servers"]) == 3

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import early_start, environment, launch, layout, memory, remote
+from .. import early_start, environment, launch, layout, memory, remote, userdata
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
 from ..security import HostKey, cloud_config
@@ -71,7 +71,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         reached = await ctx.factory.create_reachable(
             name=server_name(ctx.settings.name, name, role),
             server_type=ctx.settings.server_type(role),
-            user_data=cloud_config(host_key),
+            user_data=cloud_config(host_key, userdata.sshd_port(ctx.settings.ssh_port)),
             labels=labels,
             host_key=host_key.public_openssh,
             on_created=created,

@@ -144,3 +144,17 @@ async def test_a_read_only_token_is_refused_before_anything_is_created(sim: Any)
     finally:
         cloud.close()
     assert sim.leaks() == {}
+
+
+@pytest.mark.timeout(120)
+def test_cloud_init_that_did_not_run_means_a_new_server(fsim: Any) -> None:
+    """Item 2: cloud-init crashed on the scheduler's first server (its host key is the image's,
+    root's key refused): that server is deleted and a new one created; twice is an error."""
+    rule = fsim.inject("cloud_init_fails", name="fr2-scheduler", count=1)
+    with HetznerCluster(workers=0, name="fr2") as cluster:
+        assert rule.hits == 1
+        assert cluster.context.servers["fr2-scheduler"].status == "running"
+    fsim.inject("cloud_init_fails", name="fr2b-scheduler")
+    with pytest.raises(Exception, match=r"cloud-init did not apply the user data .* twice") as info:
+        HetznerCluster(workers=0, name="fr2b")
+    assert "\n" not in str(info.value)

@@ -83,6 +83,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
             ctx.scheduler.expect(reached.hurry)  # a worker ready for the address hurries it
             announce = asyncio.ensure_future(_announce_scheduler(ctx, reached))
         ctx.report(name, "installing")
+        await _cloud_init_done(ctx, reached.conn, reached.server)
         await _bootstrap_twice(ctx, reached.conn, role, reached.server)
         timings["bootstrap"] = time.monotonic() - t0
         # Now with its private IP and status: what the cluster's repr shows.
@@ -125,6 +126,18 @@ async def _announce_scheduler(ctx: ClusterContext, reached: Reached) -> None:
     server = await reached.located(hurry=False)
     assert server.private_ip, f"server {server.name} has no private network address"
     ctx.scheduler.set(f"tls://{server.private_ip}:{ctx.settings.scheduler_port}")
+
+
+async def _cloud_init_done(ctx: ClusterContext, conn: remote.Remote, server: ServerInfo) -> None:
+    """cloud-init goes on after sshd answers (its final modules, package locks): wait for it,
+    bounded. Exit 2 is "done, with recoverable errors", usual on Hetzner (metadata timeouts)."""
+    timeout = ctx.settings.timeouts["bootstrap"]
+    result = await conn.run("cloud-init status --wait", check=False, timeout=timeout)
+    if result.exit_status not in (0, 2):
+        logger.warning(
+            "%s: cloud-init status --wait exited %s: %s",
+            server.name, result.exit_status, (result.stdout + result.stderr).strip()[-300:],
+        )  # fmt: skip
 
 
 async def _bootstrap_twice(ctx: ClusterContext, conn: remote.Remote, role: str, server: ServerInfo) -> None:

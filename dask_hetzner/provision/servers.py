@@ -34,6 +34,13 @@ from .shared import SharedResources
 logger = logging.getLogger(__name__)
 
 
+# A fresh server whose SSH host key is not the one its cloud-config pinned.
+CLOUD_INIT_FAILED = (
+    "its SSH host key is not the one its user data pinned: cloud-init did not apply the user "
+    "data on first boot (docs/troubleshooting.md, 'cloud-init did not apply')"
+)
+
+
 def group_full(e: CloudError) -> bool:
     """A spread placement group that holds 10 servers already: ``placement_group_member_limit_reached``
     today, ``service_error`` before (terraform-provider-hcloud #1170), ``placement_error`` for a
@@ -272,6 +279,14 @@ class ServerFactory:
                         what, e.code, f"{e.api_message}; its create action failed twice"
                     ) from None
                 logger.warning("%s: create action failed (%s); trying a new server", what, e.code)
+            except remote.HostKeyMismatch as e:
+                # Never reached yet: not an attacker but cloud-init that did not apply the
+                # user data (a first-boot crash, docs/simulator.md fault `cloud_init_fails`).
+                await cancelled(located)
+                await asyncio.shield(self.delete(server, wait=True))
+                if attempt == 2:
+                    raise remote.HostKeyMismatch(f"{what}: {CLOUD_INIT_FAILED} twice ({e})") from None
+                logger.warning("%s: %s (%s); trying a new server", what, CLOUD_INIT_FAILED, e)
             except BaseException:
                 await cancelled(located)
                 await asyncio.shield(self.delete(server, wait=True))

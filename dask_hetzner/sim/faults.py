@@ -91,6 +91,10 @@ HOST_FAULTS: dict[str, tuple[str, ...]] = {
     "server_vanishes": ("after",),  # gone from the API and destroyed, `after` s past running
     # Every SSH connection is cut `after` s past boot; sshd refuses for `down` s, then is back.
     "ssh_drop": ("after", "down"),
+    # cloud-init crashes on first boot: neither user_data (the pinned host key) nor the
+    # create request's ssh_keys (root's authorized_keys) are applied; the image's own
+    # generated host key is offered and every client key refused.
+    "cloud_init_fails": (),
 }
 
 KINDS = tuple(API_FAULTS) + tuple(HOST_FAULTS)

@@ -87,7 +87,11 @@ class Lifecycle:
         )
         if ssh_never:
             server.timings.drawn["ssh_never"] = 1.0
-        if not await self._boot_host(server, ssh_delay, ssh_never):
+        # docs/simulator.md, fault `cloud_init_fails`: nothing of the user data is applied.
+        crashed = bool(self._matching("cloud_init_fails", server))
+        if crashed:
+            server.timings.drawn["cloud_init_fails"] = 1.0
+        if not await self._boot_host(server, ssh_delay, ssh_never, crashed):
             return
         server.timings.mark("booted")
         if not ssh_never:  # hosts listen ssh_delay after boot returns
@@ -97,8 +101,9 @@ class Lifecycle:
         for rule in self._matching("ssh_drop", server):
             self.core.spawn(self.drop_ssh_later(server, rule))
 
-    async def _boot_host(self, server: Server, ssh_delay: float, ssh_never: bool) -> bool:
-        """``hosts.boot``; False if the host failed (recorded in ``host_errors``)."""
+    async def _boot_host(self, server: Server, ssh_delay: float, ssh_never: bool, crashed: bool = False) -> bool:
+        """``hosts.boot``; False if the host failed (recorded in ``host_errors``). ``crashed``:
+        cloud-init applied neither the user data nor the SSH keys."""
         if self.hosts is None or self.host_spec is None:
             return True
         spec = self.host_spec(
@@ -106,8 +111,8 @@ class Lifecycle:
             name=server.name,
             public_ip=server.host_ip,
             private_ips=[nic.ip for nic in server.private.values()],
-            authorized_keys=list(server.authorized_keys),
-            user_data=server.user_data,
+            authorized_keys=[] if crashed else list(server.authorized_keys),
+            user_data=None if crashed else server.user_data,
         )
         server.host_exists = True
         try:

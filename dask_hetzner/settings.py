@@ -27,7 +27,7 @@ SERVERS_PER_NETWORK = 100
 MAX_WORKERS = SERVERS_PER_NETWORK - 1
 
 # The hetzner.timeouts.* of a cluster; START_TIMEOUTS (config) bound a node's whole start.
-TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close")
+TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close", "private-address")
 
 # Stored in cluster.json (what another process needs to reattach); the rest is read from the
 # config of the process that reattaches.

@@ -158,3 +158,18 @@ def test_cloud_init_that_did_not_run_means_a_new_server(fsim: Any) -> None:
     with pytest.raises(Exception, match=r"cloud-init did not apply the user data .* twice") as info:
         HetznerCluster(workers=0, name="fr2b")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_the_private_address_is_awaited_on_the_server(fsim: Any) -> None:
+    """Item 4: the API shows the private IP, but the server's NIC never got it: a clear
+    error naming the address; where a nudge of the network brings it, the start goes on."""
+    fsim.inject("private_nic_missing", name="fr4-scheduler")
+    with dask.config.set({"hetzner.timeouts.private-address": "2s"}):
+        with pytest.raises(Exception, match=r"server fr4-scheduler: its private address \S+ \(the API's\) is on none"):
+            HetznerCluster(workers=0, name="fr4")
+        fsim.inject("private_nic_missing", name="fr4b-scheduler", nudge=1)
+        with HetznerCluster(workers=0, name="fr4b") as cluster:
+            server = cluster.context.servers["fr4b-scheduler"]
+            log = (fsim.hosts.directory(server.id) / ".sim" / "shims.log").read_text()
+            assert "udevadm trigger" in log, log

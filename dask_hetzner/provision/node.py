@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import early_start, environment, launch, layout, memory, remote, userdata
+from .. import early_start, environment, launch, layout, memory, privnet, remote, userdata
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
 from ..security import HostKey, cloud_config
@@ -89,6 +89,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         # Now with its private IP and status: what the cluster's repr shows.
         server = await reached.located()
         ctx.factory.record(server)
+        await _private_address(ctx, reached.conn, server)
         if announce is not None:
             await announce
         prepared = Prepared(server, host_key.public_openssh, reached.conn, timings, started_at)
@@ -126,6 +127,14 @@ async def _announce_scheduler(ctx: ClusterContext, reached: Reached) -> None:
     server = await reached.located(hurry=False)
     assert server.private_ip, f"server {server.name} has no private network address"
     ctx.scheduler.set(f"tls://{server.private_ip}:{ctx.settings.scheduler_port}")
+
+
+async def _private_address(ctx: ClusterContext, conn: remote.Remote, server: ServerInfo) -> None:
+    """dask binds the private IP: it must be on the server's NIC, not only in the API."""
+    assert server.private_ip, f"server {server.name} has no private network address"
+    timeout = ctx.settings.timeouts["private-address"]
+    if await privnet.wait_private_address(conn, server.name, server.private_ip, timeout):
+        logger.warning("%s: its private address came only after a nudge of its network", server.name)
 
 
 async def _cloud_init_done(ctx: ClusterContext, conn: remote.Remote, server: ServerInfo) -> None:

@@ -95,6 +95,8 @@ HOST_FAULTS: dict[str, tuple[str, ...]] = {
     # create request's ssh_keys (root's authorized_keys) are applied; the image's own
     # generated host key is offered and every client key refused.
     "cloud_init_fails": (),
+    # The private NIC never gets its address (`nudge=1`: until `udevadm trigger` on the server).
+    "private_nic_missing": ("nudge",),
 }
 
 KINDS = tuple(API_FAULTS) + tuple(HOST_FAULTS)

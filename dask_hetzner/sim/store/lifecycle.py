@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..faults import FaultRule
@@ -94,6 +95,7 @@ class Lifecycle:
         if not await self._boot_host(server, ssh_delay, ssh_never, crashed):
             return
         server.timings.mark("booted")
+        self._configure_nics(server)
         if not ssh_never:  # hosts listen ssh_delay after boot returns
             server.timings.phases["ssh_expected"] = server.timings.phases["booted"] + ssh_delay
         for rule in self._matching("processes_die", server):
@@ -124,6 +126,31 @@ class Lifecycle:
             self.core.host_errors.append(f"boot {server.id}: {exc!r}")
             return False
         return True
+
+    def _configure_nics(self, server: Server) -> None:
+        """The addresses ``ip addr`` shows inside the server (the ``ip`` shim): the public one
+        at once, the private one a moment later (docs/simulator.md, fault `private_nic_missing`)."""
+        if self.hosts is None or self.host_spec is None:
+            return
+        sim_dir = Path(self.hosts.directory(server.id)) / ".sim"
+        sim_dir.mkdir(parents=True, exist_ok=True)
+        (sim_dir / "nics").write_text(f"eth0 {server.host_ip}\n")
+        private = "".join(f"enp{7 + i}s0 {nic.ip}\n" for i, nic in enumerate(server.private.values()))
+        missing = self._matching("private_nic_missing", server)
+        delay = self.core.timing.private_nic_delay()
+        if not missing and delay <= 0:
+            with open(sim_dir / "nics", "a") as f:
+                f.write(private)
+            return
+        (sim_dir / "nics.pending").write_text(private)
+        if any(str(r.params.get("nudge", "")).lower() in ("1", "true") for r in missing):
+            (sim_dir / "nudge-fixes").touch()
+        if not missing:
+            self.core.spawn(self._nics_later(sim_dir, delay))
+
+    async def _nics_later(self, sim_dir: Path, delay: float) -> None:
+        await asyncio.sleep(delay)
+        _apply_pending_nics(sim_dir)
 
     # -- host faults ---------------------------------------------------------
     async def kill_later(self, server: Server, rule: FaultRule) -> None:
@@ -182,3 +209,12 @@ class Lifecycle:
         except Exception as exc:
             log.exception("hosts.%s failed for server %s", method, server.id)
             self.core.host_errors.append(f"{method} {server.id}: {exc!r}")
+
+
+def _apply_pending_nics(sim_dir: Path) -> None:
+    """The private NIC is configured now (what the ``udevadm`` shim does on a nudge)."""
+    pending = sim_dir / "nics.pending"
+    if pending.exists():
+        with open(sim_dir / "nics", "a") as f:
+            f.write(pending.read_text())
+        pending.unlink(missing_ok=True)

@@ -173,3 +173,12 @@ def test_the_private_address_is_awaited_on_the_server(fsim: Any) -> None:
             server = cluster.context.servers["fr4b-scheduler"]
             log = (fsim.hosts.directory(server.id) / ".sim" / "shims.log").read_text()
             assert "udevadm trigger" in log, log
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_exits_at_once_fails_the_start(fsim: Any) -> None:
+    """Item 4: a dask worker that dies right after its launch is not "running": the start
+    fails with the end of its log."""
+    with pytest.raises(Exception, match=r"dask worker worker-0 on server fr5-worker-0 exited right after its start") as info:
+        HetznerCluster(workers=1, name="fr5", worker_options={"nthreads": "many"})
+    assert "nthreads" in str(info.value), str(info.value)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import early_start, environment, launch, layout, memory, privnet, remote, userdata
+from .. import early_start, environment, launch, layout, liveness, memory, privnet, remote, userdata
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
 from ..security import HostKey, cloud_config
@@ -198,6 +198,11 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     )
     p.mark("process")
     await p.conn.start_detached(command, log=layout.log("worker"), pidfile=layout.pidfile("worker"))
+    # Not running until it listens: a worker that exited at once says why, here.
+    await liveness.wait_listening(
+        p.conn, pidfile=layout.pidfile("worker"), log=layout.log("worker"),
+        what=f"dask worker {name} on server {p.server.name}", timeout=ctx.settings.timeouts["process-start"],
+    )  # fmt: skip
     # Workers keep no SSH connection open: 200 idle sessions help nobody.
     await quietly(p.conn.close())
 

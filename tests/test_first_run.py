@@ -182,3 +182,16 @@ def test_a_worker_that_exits_at_once_fails_the_start(fsim: Any) -> None:
     with pytest.raises(Exception, match=r"dask worker worker-0 on server fr5-worker-0 exited right after its start") as info:
         HetznerCluster(workers=1, name="fr5", worker_options={"nthreads": "many"})
     assert "nthreads" in str(info.value), str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_an_adopted_server_whose_create_failed_is_replaced(fsim: Any) -> None:
+    """Item 9: the first POST /servers times out on the client but was carried out, and its
+    create action failed; the retry meets 409 and adopts that server, whose action nobody
+    knows: its own actions are read, so it is replaced at once, not after server-create."""
+    fsim.inject("action_error", nth=1)
+    fsim.inject("uniqueness_error", path=r"^/servers$", delay=4, nth=1)
+    with dask.config.set({"hetzner.timeouts.api-request": "1s"}):
+        with HetznerCluster(workers=0, name="fr9") as cluster:
+            assert fsim.stats.statuses[409] == 1
+            assert cluster.context.servers["fr9-scheduler"].status == "running"

@@ -94,6 +94,12 @@ class Cloud:
             if e.code != "invalid_input":
                 raise
 
+    async def failed_start(self, server_id: int) -> tuple[str, str] | None:
+        """``(code, message)`` if the server's create or start action ended in error."""
+        return await self.retry.call(
+            f"reading the actions of server {server_id}", self.sdk.failed_start, server_id
+        )
+
     async def action_error(self, action_id: int) -> tuple[str, str] | None:
         """``(code, message)`` if the action ended in error, else None."""
         return await self.retry.call(

@@ -173,6 +173,16 @@ class Sdk:
         error: Mapping[str, object] = action.error or {}
         return str(error.get("code") or "action_failed"), str(error.get("message") or "")
 
+    def failed_start(self, server_id: int) -> tuple[str, str] | None:
+        """``(code, message)`` of a create or start action of the server that ended in error:
+        for a server adopted after a 409, whose create action id nobody knows."""
+        server = Server(id=server_id)
+        for action in self._client.servers.get_actions(server, status=["error"]):
+            if action.command in ("create_server", "start_server"):
+                error: Mapping[str, object] = action.error or {}
+                return str(error.get("code") or "action_failed"), str(error.get("message") or "")
+        return None
+
     def server_types(self) -> dict[str, ServerTypeInfo]:
         found: list[Any] = self._client.server_types.get_all()
         return {t.name: _server_type_info(t) for t in found}

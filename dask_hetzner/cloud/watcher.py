@@ -180,10 +180,11 @@ class ServerWatcher:
         # Only workers awaited: list just them (a full list of 100 servers is 2 pages).
         return f"{self.label_selector},{LABEL_WORKER} in ({','.join(sorted(n for n in names if n))})"
 
-    def _answer(self, listed: dict[int, ServerInfo], started: float) -> list[_Waiter]:
-        """Settle the waiters a list begun at ``started`` answers; returns those whose server
-        is ``off`` and whose create action is known (it may have failed)."""
-        off: list[_Waiter] = []
+    def _answer(self, listed: dict[int, ServerInfo], started: float) -> list[tuple[int, _Waiter]]:
+        """Settle the waiters a list begun at ``started`` answers; returns those (with their
+        server's id) whose server is ``off`` while they wait for it to run: its create may
+        have failed."""
+        off: list[tuple[int, _Waiter]] = []
         for server_id, waiters in list(self._waiters.items()):
             info = listed.get(server_id)
             if info is None:
@@ -198,8 +199,8 @@ class ServerWatcher:
                     )
                 elif info is not None and w.answered_by(info):
                     w.future.set_result(info)
-                elif info is not None and info.status == "off" and w.action_id is not None:
-                    off.append(w)
+                elif info is not None and info.status == "off" and "running" in w.statuses:
+                    off.append((server_id, w))
         return off
 
     async def _pause(self, interval: float) -> None:
@@ -215,12 +216,16 @@ class ServerWatcher:
         if rest > 0:
             await asyncio.sleep(rest)
 
-    async def _check_actions(self, waiters: list[_Waiter]) -> None:
+    async def _check_actions(self, waiters: list[tuple[int, _Waiter]]) -> None:
+        # A server adopted after a 409 has no known action: its own actions are read instead.
         results = await asyncio.gather(
-            *(self.cloud.action_error(w.action_id or 0) for w in waiters),
+            *(
+                self.cloud.action_error(w.action_id) if w.action_id is not None else self.cloud.failed_start(sid)
+                for sid, w in waiters
+            ),
             return_exceptions=True,
         )
-        for w, result in zip(waiters, results, strict=True):
+        for (_, w), result in zip(waiters, results, strict=True):
             if isinstance(result, tuple) and not w.future.done():
                 code, message = result
                 w.future.set_exception(ActionFailed(w.what, code, message))

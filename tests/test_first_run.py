@@ -195,3 +195,7 @@ def test_an_adopted_server_whose_create_failed_is_replaced(fsim: Any) -> None:
         with HetznerCluster(workers=0, name="fr9") as cluster:
             assert fsim.stats.statuses[409] == 1
             assert cluster.context.servers["fr9-scheduler"].status == "running"
+    # A failed attach_to_network says so, instead of a timeout waiting for the private IP.
+    fsim.inject("action_error", command="attach_to_network", name="fr9b-scheduler", message="no IP left")
+    with pytest.raises(Exception, match=r"creating server fr9b-scheduler .*attach_to_network: no IP left"):
+        HetznerCluster(workers=0, name="fr9b")

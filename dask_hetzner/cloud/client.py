@@ -94,10 +94,10 @@ class Cloud:
             if e.code != "invalid_input":
                 raise
 
-    async def failed_start(self, server_id: int) -> tuple[str, str] | None:
-        """``(code, message)`` if the server's create or start action ended in error."""
+    async def failed_action(self, server_id: int, commands: tuple[str, ...]) -> tuple[str, str] | None:
+        """``(code, message)`` if one of the server's ``commands`` actions ended in error."""
         return await self.retry.call(
-            f"reading the actions of server {server_id}", self.sdk.failed_start, server_id
+            f"reading the actions of server {server_id}", self.sdk.failed_action, server_id, commands
         )
 
     async def action_error(self, action_id: int) -> tuple[str, str] | None:

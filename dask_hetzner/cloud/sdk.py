@@ -173,14 +173,16 @@ class Sdk:
         error: Mapping[str, object] = action.error or {}
         return str(error.get("code") or "action_failed"), str(error.get("message") or "")
 
-    def failed_start(self, server_id: int) -> tuple[str, str] | None:
-        """``(code, message)`` of a create or start action of the server that ended in error:
-        for a server adopted after a 409, whose create action id nobody knows."""
+    def failed_action(self, server_id: int, commands: tuple[str, ...]) -> tuple[str, str] | None:
+        """``(code, message)`` of an action of the server among ``commands`` that ended in
+        error (for a server adopted after a 409, whose create action id nobody knows, or an
+        ``attach_to_network`` that failed)."""
         server = Server(id=server_id)
         for action in self._client.servers.get_actions(server, status=["error"]):
-            if action.command in ("create_server", "start_server"):
+            if action.command in commands:
                 error: Mapping[str, object] = action.error or {}
-                return str(error.get("code") or "action_failed"), str(error.get("message") or "")
+                message = str(error.get("message") or "")
+                return str(error.get("code") or "action_failed"), f"{action.command}: {message}"
         return None
 
     def server_types(self) -> dict[str, ServerTypeInfo]:

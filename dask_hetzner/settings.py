@@ -82,6 +82,9 @@ class ClusterSettings:
     server_limit: int | None = None
     # Hitting the account's server limit while starting: go on with the workers that fit.
     allow_fewer_workers: bool = False
+    # Where uv gets a Python the image lacks (a mirror's JSON), and uv's python-preference.
+    python_downloads_json_url: str | None = None
+    python_preference: str | None = None
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -120,6 +123,8 @@ class ClusterSettings:
             index_url=_pick("index-url", a("index_url")),
             server_limit=_server_limit(_pick("server-limit", a("server_limit"))),
             allow_fewer_workers=bool(_pick("allow-fewer-workers", a("allow_fewer_workers"))),
+            python_downloads_json_url=_pick("python-downloads-json-url", a("python_downloads_json_url")),
+            python_preference=_python_preference(_pick("python-preference", a("python_preference"))),
         )
 
     @classmethod
@@ -200,6 +205,13 @@ def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iter
 
 def _pick(key: str, value: Any) -> Any:
     return dask.config.get(f"hetzner.{key}", override_with=value)
+
+
+def _python_preference(value: Any) -> str | None:
+    choices = ("only-managed", "managed", "system", "only-system")
+    if value is not None and value not in choices:
+        raise ConfigError(f"python_preference must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _server_limit(value: Any) -> int | None:

@@ -199,3 +199,21 @@ def test_an_adopted_server_whose_create_failed_is_replaced(fsim: Any) -> None:
     fsim.inject("action_error", command="attach_to_network", name="fr9b-scheduler", message="no IP left")
     with pytest.raises(Exception, match=r"creating server fr9b-scheduler .*attach_to_network: no IP left"):
         HetznerCluster(workers=0, name="fr9b")
+
+
+@pytest.mark.timeout(180)
+def test_a_python_the_image_lacks_is_downloaded_by_uv(fsim: Any) -> None:
+    """Item 9: a client whose Python the image lacks makes uv download one on every server.
+    uv is made to prefer a managed Python (hetzner.python-preference: only-managed), which it
+    fetches from the simulator's mirror (hetzner.python-downloads-json-url): the same path."""
+    config = {
+        "hetzner.python-downloads-json-url": fsim.python_downloads_url,
+        "hetzner.python-preference": "only-managed",
+    }
+    with dask.config.set(config), HetznerCluster(workers=0, name="fr9p") as cluster:
+        server = cluster.context.servers["fr9p-scheduler"]
+        home = fsim.hosts.directory(server.id)
+        managed = list((home / ".local" / "share" / "uv" / "python").glob("cpython-*"))
+        assert managed, "uv did not download a Python"
+        cfg = (home / ".dask-hetzner" / "env" / "pyvenv.cfg").read_text()
+        assert str(home / ".local" / "share" / "uv" / "python") in cfg, cfg

@@ -86,6 +86,7 @@ class ClusterContext:
                 python=versions["python"],
                 uv_version=settings.uv_version,
                 index_url=settings.index_url,
+                python_downloads=_python_downloads(settings),
             )
             for role in ("scheduler", "worker")
         }
@@ -109,3 +110,9 @@ class ClusterContext:
         logger.info("%s %s: %s", self.settings.name, node, phase)
         if self.progress is not None:
             self.progress(node, phase)
+
+
+def _python_downloads(s: ClusterSettings) -> dict[str, str]:
+    """The bootstrap's say in where uv gets a Python the image lacks (nothing: uv's defaults)."""
+    chosen = {"json_url": s.python_downloads_json_url, "preference": s.python_preference}
+    return {k: v for k, v in chosen.items() if v}

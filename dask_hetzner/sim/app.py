@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import pythons
 from .faults import API_FAULTS, FaultRule, FaultSet
 from .listing import QUERY_ERROR_STATUS
 from .ratelimit import RateLimiter, RateLimitState
@@ -148,8 +149,20 @@ class Api:
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024)
+        # Beside the API, no token: a mirror of uv's Python downloads (sim/pythons.py).
+        app.router.add_get("/python/{name}", self.python_mirror)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
+
+    async def python_mirror(self, request: web.Request) -> web.StreamResponse:
+        data = await asyncio.to_thread(pythons.archive)
+        name = request.match_info["name"]
+        if name == "downloads.json":
+            base = f"{request.scheme}://{request.host}"
+            return web.json_response(pythons.downloads(base, data))
+        if name == pythons.archive_name():
+            return web.Response(body=data, content_type="application/gzip")
+        raise web.HTTPNotFound()
 
     # -- the one handler -----------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:

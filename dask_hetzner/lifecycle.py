@@ -222,7 +222,7 @@ class ClusterLifecycle(SpecCluster):
     async def _start_unless_limited(self) -> None:
         """SpecCluster's start; the account's server limit fails it at once (every server
         created meanwhile is billed a started hour), unless allow-fewer-workers is set."""
-        factory = self._ctx.factory
+        factory, asked = self._ctx.factory, len(self.worker_spec)  # before the start changes it
         start = asyncio.ensure_future(super()._start())
         if self.settings.allow_fewer_workers:
             return await start
@@ -237,7 +237,7 @@ class ClusterLifecycle(SpecCluster):
         if not start.done():
             await cancelled(start)
         if factory.limit_hit is not None:
-            raise factory.limit_hit.starting(self.name, len(self.worker_spec)) from None
+            raise factory.limit_hit.starting(self.name, asked) from None
         start.result()
 
     async def _close(self) -> None:

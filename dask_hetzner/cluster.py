@@ -31,6 +31,7 @@ from .settings import (
     MAX_WORKERS,
     SERVERS_PER_NETWORK,
     ClusterSettings,
+    check_server_limit,
     check_size,
     worker_count,
 )
@@ -94,6 +95,12 @@ class HetznerCluster(ClusterLifecycle):
         Delete the whole cluster (never just power it off: Hetzner bills stopped servers) after
         this long without work and without a connected client, even if this process is gone.
         The API token then goes to the scheduler's server: see ``docs/security-idle.md``.
+    server_limit:
+        The account's server limit, as the Hetzner Cloud Console shows it (the API cannot tell
+        it): a start or scale that needs more servers is refused before anything is created.
+    allow_fewer_workers:
+        When a start meets the account's server limit (``403 resource_limit_exceeded``), go on
+        with the workers that fit instead of failing (the scheduler is then created first).
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -128,6 +135,8 @@ class HetznerCluster(ClusterLifecycle):
         object_storage: bool | str | None = None,
         apt_packages: list[str] | None = None,
         setup_commands: list[str] | None = None,
+        server_limit: int | None = None,
+        allow_fewer_workers: bool | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
@@ -149,6 +158,7 @@ class HetznerCluster(ClusterLifecycle):
                 max_hourly_cost=max_hourly_cost, idle_timeout=idle_timeout,
                 environment=environment, upload=upload, env=env, object_storage=object_storage,
                 apt_packages=apt_packages, setup_commands=setup_commands,
+                server_limit=server_limit, allow_fewer_workers=allow_fewer_workers,
             )  # fmt: skip
         secrets = SecretEnv(check_env(secret_env, "secret_env"))
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
@@ -342,6 +352,7 @@ class HetznerCluster(ClusterLifecycle):
         if cores is not None:
             n = max(n, math.ceil(cores / int(self._worker_options()["nthreads"])))
         check_size(n, "scaling")
+        check_server_limit(self.settings, n, "scaling")
         cost.check(self.settings, self._server_types, n, "scaling")
         return super().scale(n)
 

@@ -17,7 +17,7 @@ import shlex
 import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata, resources
-from typing import Literal
+from typing import Any, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -235,9 +235,10 @@ def bootstrap_hash(
     uv_version: str,
     index_url: str | None = None,
     system: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+    python_downloads: Mapping[str, str] | None = None,
 ) -> str:
     """The marker value: equal inputs, equal hash (and the bootstrap does nothing)."""
-    doc: dict[str, object] = {
+    doc: dict[str, Any] = {
         "revision": _BOOTSTRAP_REVISION,
         "role": role,
         "requirements": list(requirements),
@@ -247,6 +248,8 @@ def bootstrap_hash(
     }
     if system != ((), ()):  # hashes without system setup stay as they were
         doc["system"] = [list(system[0]), list(system[1])]
+    if python_downloads:  # absent when unset: the hash of existing servers stays the same
+        doc["python_downloads"] = dict(python_downloads)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -290,8 +293,13 @@ def bootstrap_script(
     apt_packages: tuple[str, ...] = (),
     setup_commands: tuple[str, ...] = (),
     local_wheels: tuple[str, ...] = (),
+    python_downloads: Mapping[str, str] | None = None,
 ) -> str:
     """A bash script that builds ``~/.dask-hetzner/env`` on an Ubuntu 24.04 server as root.
+
+    ``python_downloads``: where uv gets a Python the image lacks and which it prefers
+    (``{"json_url": ..., "preference": ...}``, from ``hetzner.python-downloads-json-url`` and
+    ``hetzner.python-preference``; see docs/environments.md).
 
     Idempotent (a marker holds a hash of the inputs), logs with timestamps to
     ``~/.dask-hetzner/bootstrap.log`` (and stderr), prints the environment's versions as JSON
@@ -319,12 +327,15 @@ def bootstrap_script(
         HASH=bootstrap_hash(
             role, [*reqs, *local_wheels], python=python, uv_version=uv_version,
             index_url=index_url, system=(tuple(apt_packages), tuple(setup_commands)),
+            python_downloads=python_downloads,
         ),
         SETUP_COMMANDS="\n".join(setup_commands),
         UV_VERSION=uv_version,
         PYTHON_VERSION=python,
         INDEX_URL=index_url or "",
-    )
+        PYTHON_DOWNLOADS_JSON_URL=(python_downloads or {}).get("json_url", ""),
+        PYTHON_PREFERENCE=(python_downloads or {}).get("preference", ""),
+    )  # fmt: skip
     template = script("bootstrap.sh")
     if template.count(_INPUTS_MARKER) != 1:
         raise RuntimeError(f"scripts/bootstrap.sh must hold one line {_INPUTS_MARKER.strip()!r}")

@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from . import early_start, layout, remote
+from . import early_start, layout, memory, remote
 from .cloud import ServerTypeInfo
 from .security import ClusterCA
 
@@ -27,11 +27,11 @@ SOURCE_ENV = f'[ ! -f "$HOME"/{layout.PROCESS_ENV} ] || . "$HOME"/{layout.PROCES
 
 
 def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
-    """``dask worker`` options that fit the server: all its cores, most of its memory."""
+    """``dask worker`` options that fit the server: all its cores, its memory less the OS's
+    and the nanny's (estimated here; ``provision.node.launch_worker`` measures it)."""
     return {
         "nthreads": server_type.cores,
-        # Leave room for the operating system and the nanny.
-        "memory_limit": f"{int(server_type.memory_gb * 0.9 * 1024)}MiB",
+        "memory_limit": memory.estimated_limit(server_type.memory_gb),
     }
 
 

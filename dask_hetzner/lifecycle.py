@@ -22,12 +22,14 @@ from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
 from . import __version__, clients, cost, manage, reattach
+from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
+from .provision.limits import WHERE_TO_RAISE, is_limit
 from .provision.tasks import Provisioner
-from .settings import ClusterSettings, check_same_zone, check_size
+from .settings import ClusterSettings, check_same_zone, check_server_limit, check_size
 from .state import ClusterState
 
 logger = logging.getLogger(__name__)
@@ -76,9 +78,12 @@ class ClusterLifecycle(SpecCluster):
         """Every user choice checked against the API before anything is created."""
         s, cloud = self.settings, self._ctx.cloud
         await cloud.check_token()
-        await cloud.check_choices([s.scheduler_server_type, s.worker_server_type], s.location, s.image)
+        await cloud.check_choices(
+            [s.scheduler_server_type, s.worker_server_type], s.location, s.image, s.fallback_locations
+        )
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
         check_size(len(self.worker_spec), "starting the cluster")
+        check_server_limit(s, len(self.worker_spec), "starting the cluster")
         cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
         adaptive, cap = getattr(self, "_adaptive", None), self.max_workers
         if adaptive is not None and cap is not None and adaptive.maximum > cap:
@@ -225,13 +230,34 @@ class ClusterLifecycle(SpecCluster):
             self._provisioner.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
-            await super()._start()
+            await self._start_unless_limited()
             await self._write_client_address()
         except BaseException:
             self.status = Status.failed
             await asyncio.shield(self._teardown())
             raise
 
+
+    async def _start_unless_limited(self) -> None:
+        """SpecCluster's start; the account's server limit fails it at once (every server
+        created meanwhile is billed a started hour), unless allow-fewer-workers is set."""
+        factory, asked = self._ctx.factory, len(self.worker_spec)  # before the start changes it
+        start = asyncio.ensure_future(super()._start())
+        if self.settings.allow_fewer_workers:
+            return await start
+        limit = asyncio.ensure_future(factory.limit_event.wait())
+        try:
+            await asyncio.wait({start, limit}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await cancelled(start)  # Ctrl-C: the caller rolls back; nothing goes on starting
+            raise
+        finally:
+            limit.cancel()
+        if not start.done():
+            await cancelled(start)
+        if factory.limit_hit is not None:
+            raise factory.limit_hit.starting(self.name, asked) from None
+        start.result()
 
     async def _close(self) -> None:
         # A detached cluster only disconnects; else every server is deleted at once.
@@ -309,8 +335,9 @@ class ClusterLifecycle(SpecCluster):
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
         except Exception as e:
-            # The initial workers failing fails the start (and rolls back everything).
-            if initial or self.status != Status.running:
+            # The initial workers failing fails the start (and rolls back everything), unless
+            # the account's server limit stopped them and the user allowed fewer.
+            if (initial or self.status != Status.running) and not self._fewer_allowed(e):
                 raise
             self._drop_failed_workers(e)
 
@@ -331,6 +358,15 @@ class ClusterLifecycle(SpecCluster):
             )  # fmt: skip
             return True
         return False
+
+    def _fewer_allowed(self, e: Exception) -> bool:
+        if not (self.settings.allow_fewer_workers and isinstance(e, CloudError) and is_limit(e)):
+            return False
+        logger.warning(
+            "cluster %s: the Hetzner account's server limit is reached; going on with the workers "
+            "that fit (hetzner.allow-fewer-workers); %s", self.name, WHERE_TO_RAISE,
+        )  # fmt: skip
+        return True
 
     def _drop_failed_workers(self, e: Exception) -> None:
         # A worker that failed to start after the cluster was up: its node deleted its

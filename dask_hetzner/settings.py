@@ -27,7 +27,7 @@ SERVERS_PER_NETWORK = 100
 MAX_WORKERS = SERVERS_PER_NETWORK - 1
 
 # The hetzner.timeouts.* of a cluster; START_TIMEOUTS (config) bound a node's whole start.
-TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close")
+TIMEOUT_KEYS = ("api-request", "server-create", "ssh", "bootstrap", "process-start", "close", "private-address")
 
 # Stored in cluster.json (what another process needs to reattach); the rest is read from the
 # config of the process that reattaches.
@@ -55,6 +55,8 @@ STORED = (
     "object_storage",
     "apt_packages",
     "setup_commands",
+    "server_limit",
+    "allow_fewer_workers",
 )
 # cluster.json files written before the settings record named two fields differently.
 _LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
@@ -89,6 +91,13 @@ class ClusterSettings:
     object_storage: bool | str = False
     apt_packages: tuple[str, ...] = ()
     setup_commands: tuple[str, ...] = ()
+    # The account's server limit as the user knows it (the API has no endpoint for it).
+    server_limit: int | None = None
+    # Hitting the account's server limit while starting: go on with the workers that fit.
+    allow_fewer_workers: bool = False
+    # Where uv gets a Python the image lacks (a mirror's JSON), and uv's python-preference.
+    python_downloads_json_url: str | None = None
+    python_preference: str | None = None
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -126,6 +135,10 @@ class ClusterSettings:
             uv_version=_pick("uv-version", a("uv_version")),
             index_url=_pick("index-url", a("index_url")),
             **jobsettings.build(_pick, a),
+            server_limit=_server_limit(_pick("server-limit", a("server_limit"))),
+            allow_fewer_workers=bool(_pick("allow-fewer-workers", a("allow_fewer_workers"))),
+            python_downloads_json_url=_pick("python-downloads-json-url", a("python_downloads_json_url")),
+            python_preference=_python_preference(_pick("python-preference", a("python_preference"))),
         )
 
     @classmethod
@@ -180,6 +193,17 @@ def check_size(n: int, what: str) -> None:
         )
 
 
+def check_server_limit(settings: ClusterSettings, workers: int, what: str) -> None:
+    """Refuse a size past ``hetzner.server-limit`` before any server is created."""
+    limit = settings.server_limit
+    if limit is not None and workers + 1 > limit:
+        raise ConfigError(
+            f"{what} with {workers} workers needs {workers + 1} servers (with the scheduler), more than "
+            f"hetzner.server-limit={limit}, the account's server limit as you set it; raise the limit in "
+            "the Hetzner Cloud Console (Limits) and this setting, or use fewer, larger servers"
+        )
+
+
 def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iterable[str]) -> None:
     """Fallback locations must be known and in the location's network zone (one network)."""
     zone = locations[location].network_zone
@@ -197,6 +221,21 @@ def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iter
 
 def _pick(key: str, value: Any) -> Any:
     return dask.config.get(f"hetzner.{key}", override_with=value)
+
+
+def _python_preference(value: Any) -> str | None:
+    choices = ("only-managed", "managed", "system", "only-system")
+    if value is not None and value not in choices:
+        raise ConfigError(f"python_preference must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _server_limit(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"server_limit must be a whole number of servers (1 or more), got {value!r}")
+    return value
 
 
 def _positive(value: Any, what: str) -> float | None:

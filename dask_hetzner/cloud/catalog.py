@@ -47,25 +47,33 @@ class Catalog:
         assert self._locations is not None
         return self._locations
 
-    async def check_choices(self, types: Iterable[str], location: str, image: str) -> None:
-        """Raise ConfigError, listing the valid choices, for an unknown type, location or image."""
+    async def check_choices(
+        self, types: Iterable[str], location: str, image: str, fallbacks: Iterable[str] = ()
+    ) -> None:
+        """Raise ConfigError, listing the valid choices, for an unknown type, location or image.
+
+        A type is refused only when neither the location nor a fallback offers it: servers
+        go to the fallbacks when the location cannot take them (``ServerFactory.create``).
+        """
         locations = await self.locations()
         if location not in locations:
             raise ConfigError(
                 f"unknown location {location!r}; valid locations: {', '.join(sorted(locations))}"
             )
+        places = [location] + [x for x in fallbacks if x != location]
+        where = " or ".join(places)
         catalog = await self.server_types()
         for name in set(types):
             info = catalog.get(name)
-            orderable = sorted(n for n, t in catalog.items() if location in t.available)
+            orderable = sorted(n for n, t in catalog.items() if t.available.intersection(places))
             if info is None:
                 raise ConfigError(
-                    f"unknown server type {name!r}; types orderable in {location}: "
+                    f"unknown server type {name!r}; types orderable in {where}: "
                     + ", ".join(orderable)
                 )
-            if location not in info.available:
+            if not info.available.intersection(places):
                 raise ConfigError(
-                    f"server type {name!r} cannot be ordered in {location}"
+                    f"server type {name!r} cannot be ordered in {where}"
                     f"{' (deprecated)' if info.deprecated else ''}; types orderable there: "
                     + ", ".join(orderable)
                 )

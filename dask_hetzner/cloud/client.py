@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .clusters import Clusters
-from .errors import NO_TOKEN, CloudError, ConfigError, token_refused
+from .errors import NO_TOKEN, TOKEN_READONLY, CloudError, ConfigError, token_refused
 from .model import ClusterResources, LocationInfo, NewServer, ServerInfo, ServerTypeInfo
 from .resources import Resources
 from .retry import RateLimit, Retry
@@ -86,6 +86,19 @@ class Cloud:
             if refused is e:
                 raise
             raise refused from None
+        try:
+            await self.retry.call("checking the API token's write access", self.sdk.check_write)
+        except CloudError as e:
+            if e.code == "token_readonly":
+                raise ConfigError(TOKEN_READONLY) from None
+            if e.code != "invalid_input":
+                raise
+
+    async def failed_action(self, server_id: int, commands: tuple[str, ...]) -> tuple[str, str] | None:
+        """``(code, message)`` if one of the server's ``commands`` actions ended in error."""
+        return await self.retry.call(
+            f"reading the actions of server {server_id}", self.sdk.failed_action, server_id, commands
+        )
 
     async def action_error(self, action_id: int) -> tuple[str, str] | None:
         """``(code, message)`` if the action ended in error, else None."""
@@ -105,9 +118,12 @@ class Cloud:
     async def locations(self) -> dict[str, LocationInfo]:
         return await self.catalog.locations()
 
-    async def check_choices(self, types: Iterable[str], location: str, image: str) -> None:
-        """Raise ConfigError, listing the valid choices, for an unknown type, location or image."""
-        await self.catalog.check_choices(types, location, image)
+    async def check_choices(
+        self, types: Iterable[str], location: str, image: str, fallbacks: Iterable[str] = ()
+    ) -> None:
+        """Raise ConfigError, listing the valid choices, for an unknown type, location or image
+        (a type the location lacks passes when a fallback offers it)."""
+        await self.catalog.check_choices(types, location, image, fallbacks)
 
     async def image_id(self, name: str, architecture: str) -> int:
         return await self.catalog.image_id(name, architecture)

@@ -36,6 +36,10 @@ class ConfigError(ValueError):
 # What users read when the token is missing or refused (docs/troubleshooting.md quotes both).
 NO_TOKEN = "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
 TOKEN_REFUSED = "the Hetzner Cloud API token was refused (unauthorized)"
+TOKEN_READONLY = (
+    "the Hetzner Cloud API token is a read-only token (token_readonly): generate a Read & Write "
+    "token in the Hetzner Cloud Console (Security, API tokens)"
+)
 
 
 def token_refused(e: CloudError) -> Exception:

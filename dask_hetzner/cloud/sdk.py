@@ -173,6 +173,18 @@ class Sdk:
         error: Mapping[str, object] = action.error or {}
         return str(error.get("code") or "action_failed"), str(error.get("message") or "")
 
+    def failed_action(self, server_id: int, commands: tuple[str, ...]) -> tuple[str, str] | None:
+        """``(code, message)`` of an action of the server among ``commands`` that ended in
+        error (for a server adopted after a 409, whose create action id nobody knows, or an
+        ``attach_to_network`` that failed)."""
+        server = Server(id=server_id)
+        for action in self._client.servers.get_actions(server, status=["error"]):
+            if action.command in commands:
+                error: Mapping[str, object] = action.error or {}
+                message = str(error.get("message") or "")
+                return str(error.get("code") or "action_failed"), f"{action.command}: {message}"
+        return None
+
     def server_types(self) -> dict[str, ServerTypeInfo]:
         found: list[Any] = self._client.server_types.get_all()
         return {t.name: _server_type_info(t) for t in found}
@@ -191,6 +203,11 @@ class Sdk:
 
     def check_token(self) -> None:
         self._client.ssh_keys.get_list(page=1, per_page=1)
+
+    def check_write(self) -> None:
+        """A POST that creates nothing: an empty placement group body is refused (422
+        invalid_input), but a read-only token is refused before that (401 token_readonly)."""
+        self._client.request("POST", "/placement_groups", json={})
 
     def create_ssh_key(self, name: str, labels: dict[str, str], public_key: str) -> ResourceInfo:
         key = self._client.ssh_keys.create(name=name, labels=labels, public_key=public_key)

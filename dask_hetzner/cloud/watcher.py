@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,23 @@ class _Waiter:
     worker: str | None  # its dask-hetzner/worker label: lets a poll list only awaited servers
     lazy: bool  # nobody waits for the answer yet: polled every LAZY_POLLS intervals
     private_ip: bool  # the answer must carry the private IP (attach_to_network finished)
+    without_ip: int = 0  # polls that found it running without its private IP
+
+    def check_attach(self, info: ServerInfo) -> bool:
+        """Running without a private IP for a third poll: has its attach_to_network failed?"""
+        if not (self.private_ip and info.status in self.statuses and info.private_ip is None):
+            return False
+        self.without_ip += 1
+        return self.without_ip % ATTACH_CHECK_POLLS == 0
 
     def answered_by(self, info: ServerInfo) -> bool:
         return info.status in self.statuses and (not self.private_ip or info.private_ip is not None)
 
+
+# A server running without its private IP this many polls: its attach action is read.
+ATTACH_CHECK_POLLS = 3
+START_COMMANDS = ("create_server", "start_server")
+ATTACH_COMMANDS = ("attach_to_network",)
 
 # A lazy waiter's server is reached by other means (SSH) and the poll only confirms it, or
 # catches a failed create: one list every LAZY_POLLS intervals is enough.
@@ -180,10 +194,11 @@ class ServerWatcher:
         # Only workers awaited: list just them (a full list of 100 servers is 2 pages).
         return f"{self.label_selector},{LABEL_WORKER} in ({','.join(sorted(n for n in names if n))})"
 
-    def _answer(self, listed: dict[int, ServerInfo], started: float) -> list[_Waiter]:
-        """Settle the waiters a list begun at ``started`` answers; returns those whose server
-        is ``off`` and whose create action is known (it may have failed)."""
-        off: list[_Waiter] = []
+    def _answer(self, listed: dict[int, ServerInfo], started: float) -> list[tuple[int, _Waiter]]:
+        """Settle the waiters a list begun at ``started`` answers; returns those (with their
+        server's id) whose server is ``off`` while they wait for it to run: its create may
+        have failed."""
+        off: list[tuple[int, _Waiter]] = []
         for server_id, waiters in list(self._waiters.items()):
             info = listed.get(server_id)
             if info is None:
@@ -198,8 +213,10 @@ class ServerWatcher:
                     )
                 elif info is not None and w.answered_by(info):
                     w.future.set_result(info)
-                elif info is not None and info.status == "off" and w.action_id is not None:
-                    off.append(w)
+                elif info is not None and info.status == "off" and "running" in w.statuses:
+                    off.append((server_id, w))
+                elif info is not None and w.check_attach(info):
+                    off.append((server_id, w))
         return off
 
     async def _pause(self, interval: float) -> None:
@@ -215,12 +232,19 @@ class ServerWatcher:
         if rest > 0:
             await asyncio.sleep(rest)
 
-    async def _check_actions(self, waiters: list[_Waiter]) -> None:
-        results = await asyncio.gather(
-            *(self.cloud.action_error(w.action_id or 0) for w in waiters),
-            return_exceptions=True,
-        )
-        for w, result in zip(waiters, results, strict=True):
+    async def _check_actions(self, waiters: list[tuple[int, _Waiter]]) -> None:
+        # Off: its create action (a server adopted after a 409 has no known action: its own
+        # actions are read instead). Running without its private IP: its attach action.
+        def check(sid: int, w: _Waiter) -> Awaitable[tuple[str, str] | None]:
+            last = self.last.get(sid)
+            if last is not None and last.status != "off":
+                return self.cloud.failed_action(sid, ATTACH_COMMANDS)
+            if w.action_id is not None:
+                return self.cloud.action_error(w.action_id)
+            return self.cloud.failed_action(sid, START_COMMANDS)
+
+        results = await asyncio.gather(*(check(sid, w) for sid, w in waiters), return_exceptions=True)
+        for (_, w), result in zip(waiters, results, strict=True):
             if isinstance(result, tuple) and not w.future.done():
                 code, message = result
                 w.future.set_exception(ActionFailed(w.what, code, message))

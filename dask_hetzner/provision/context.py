@@ -103,6 +103,7 @@ class ClusterContext:
             apt_packages=s.apt_packages,
             setup_commands=s.setup_commands,
             local_wheels=tuple(snap.wheel_paths()),
+            python_downloads=_python_downloads(s),
         )
 
     @property
@@ -118,3 +119,9 @@ class ClusterContext:
         logger.info("%s %s: %s", self.settings.name, node, phase)
         if self.progress is not None:
             self.progress(node, phase)
+
+
+def _python_downloads(s: ClusterSettings) -> dict[str, str]:
+    """The bootstrap's say in where uv gets a Python the image lacks (nothing: uv's defaults)."""
+    chosen = {"json_url": s.python_downloads_json_url, "preference": s.python_preference}
+    return {k: v for k, v in chosen.items() if v}

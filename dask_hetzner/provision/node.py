@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import early_start, environment, launch, layout, remote
+from .. import early_start, environment, launch, layout, liveness, memory, privnet, remote, userdata
 from ..aio import quietly
 from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
 from ..payload import Snapshot
@@ -86,6 +86,8 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     announce: asyncio.Future[None] | None = None
     try:
         ctx.report(name, "creating")
+        if role == "worker" and ctx.settings.allow_fewer_workers:
+            await _scheduler_first(ctx, name)
 
         async def created(new: ServerInfo) -> None:
             await ctx.pins.pin(new, host_key.public_openssh)
@@ -96,7 +98,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         reached = await ctx.factory.create_reachable(
             name=server_name(ctx.settings.name, name, role),
             server_type=ctx.settings.server_type(role),
-            user_data=cloud_config(host_key),
+            user_data=cloud_config(host_key, userdata.sshd_port(ctx.settings.ssh_port)),
             labels=labels,
             host_key=host_key.public_openssh,
             on_created=created,
@@ -108,6 +110,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
             ctx.scheduler.expect(reached.hurry)  # a worker ready for the address hurries it
             announce = asyncio.ensure_future(_announce_scheduler(ctx, reached))
         ctx.report(name, "installing")
+        await _cloud_init_done(ctx, reached.conn, reached.server)
         snap = await ctx.payload.snapshot()  # the local code as it is now (scale-ups re-read it)
         await ctx.payload.put_wheels(reached.conn, snap)
         await _bootstrap_twice(ctx, reached.conn, role, reached.server, snap)
@@ -116,6 +119,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         # Now with its private IP and status: what the cluster's repr shows.
         server = await reached.located()
         ctx.factory.record(server)
+        await _private_address(ctx, reached.conn, server)
         if announce is not None:
             await announce
         prepared = Prepared(server, host_key.public_openssh, reached.conn, timings, started_at)
@@ -125,6 +129,16 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     except BaseException:
         await _undo(ctx, reached, announce)
         raise
+
+
+async def _scheduler_first(ctx: ClusterContext, name: str) -> None:
+    """With ``allow-fewer-workers``, the account's server limit must strike a worker, never
+    the scheduler: workers' creates wait until the scheduler's server exists."""
+    timeout = ctx.settings.timeouts["server-create"]
+    try:
+        await asyncio.wait_for(ctx.factory.scheduler_recorded.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"worker {name}: the scheduler's server was not created within {timeout:g} s") from None
 
 
 async def _undo(ctx: ClusterContext, reached: Reached | None, announce: asyncio.Future[None] | None) -> None:
@@ -143,6 +157,26 @@ async def _announce_scheduler(ctx: ClusterContext, reached: Reached) -> None:
     server = await reached.located(hurry=False)
     assert server.private_ip, f"server {server.name} has no private network address"
     ctx.scheduler.set(f"tls://{server.private_ip}:{ctx.settings.scheduler_port}")
+
+
+async def _private_address(ctx: ClusterContext, conn: remote.Remote, server: ServerInfo) -> None:
+    """dask binds the private IP: it must be on the server's NIC, not only in the API."""
+    assert server.private_ip, f"server {server.name} has no private network address"
+    timeout = ctx.settings.timeouts["private-address"]
+    if await privnet.wait_private_address(conn, server.name, server.private_ip, timeout):
+        logger.warning("%s: its private address came only after a nudge of its network", server.name)
+
+
+async def _cloud_init_done(ctx: ClusterContext, conn: remote.Remote, server: ServerInfo) -> None:
+    """cloud-init goes on after sshd answers (its final modules, package locks): wait for it,
+    bounded. Exit 2 is "done, with recoverable errors", usual on Hetzner (metadata timeouts)."""
+    timeout = ctx.settings.timeouts["bootstrap"]
+    result = await conn.run("cloud-init status --wait", check=False, timeout=timeout)
+    if result.exit_status not in (0, 2):
+        logger.warning(
+            "%s: cloud-init status --wait exited %s: %s",
+            server.name, result.exit_status, (result.stdout + result.stderr).strip()[-300:],
+        )  # fmt: skip
 
 
 async def _bootstrap_twice(
@@ -186,7 +220,9 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     await launch.write_tls(ctx.ca, p.conn, f"dask-worker-{name}", [ip])
     preload = await early_start.install(p.conn)
     server_type = (await ctx.cloud.server_types())[ctx.settings.worker_server_type]
-    options = {**launch.worker_defaults(server_type), **options}
+    # What the server really has (MemTotal), unless the user chose: see memory.py.
+    measured = {} if "memory_limit" in options else {"memory_limit": await memory.measured_limit(p.conn)}
+    options = {**launch.worker_defaults(server_type), **measured, **options}
     ctx.report(name, "waiting for the scheduler")
     scheduler = await ctx.scheduler.wait(f"worker {name}")
     command = launch.worker_command(
@@ -195,6 +231,11 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     )
     p.mark("process")
     await p.conn.start_detached(command, log=layout.log("worker"), pidfile=layout.pidfile("worker"))
+    # Not running until it listens: a worker that exited at once says why, here.
+    await liveness.wait_listening(
+        p.conn, pidfile=layout.pidfile("worker"), log=layout.log("worker"),
+        what=f"dask worker {name} on server {p.server.name}", timeout=ctx.settings.timeouts["process-start"],
+    )  # fmt: skip
     # Workers keep no SSH connection open: 200 idle sessions help nobody.
     await quietly(p.conn.close())
 

@@ -17,6 +17,7 @@ from typing import Any
 from .. import remote
 from ..aio import cancelled
 from ..cloud import (
+    LABEL_ROLE,
     LABEL_WORKER,
     ActionFailed,
     Cloud,
@@ -26,10 +27,32 @@ from ..cloud import (
     ServerWatcher,
 )
 from ..settings import ClusterSettings
+from .limits import WHERE_TO_RAISE, ServerLimitReached, is_limit
 from .pins import HostKeyPins
 from .shared import SharedResources
 
 logger = logging.getLogger(__name__)
+
+
+# A fresh server whose SSH host key is not the one its cloud-config pinned.
+CLOUD_INIT_FAILED = (
+    "its SSH host key is not the one its user data pinned: cloud-init did not apply the user "
+    "data on first boot (docs/troubleshooting.md, 'cloud-init did not apply')"
+)
+
+
+def group_full(e: CloudError) -> bool:
+    """A spread placement group that holds 10 servers already: ``placement_group_member_limit_reached``
+    today, ``service_error`` before (terraform-provider-hcloud #1170), ``placement_error`` for a
+    spread placement that cannot be met (docs/simulator.md, "Deliberate behaviours")."""
+    if e.code in ("placement_group_member_limit_reached", "placement_error"):
+        return True
+    return e.code == "service_error" and "placement group" in e.api_message
+
+
+def not_offered(e: CloudError) -> bool:
+    """Hetzner's 422 for a type that location does not sell at all (not a sold-out 412)."""
+    return e.code == "invalid_input" and "unsupported location" in e.api_message
 
 
 class Login:
@@ -112,6 +135,10 @@ class ServerFactory:
         self._confirming: set[asyncio.Future[None]] = set()  # deletions confirmed in the background
         # The whole cluster is being deleted: retired servers need no confirmation one by one.
         self.closing = False
+        # The account's server limit struck (the first such error), and when.
+        self.limit_hit: ServerLimitReached | None = None
+        self.limit_event = asyncio.Event()
+        self.scheduler_recorded = asyncio.Event()  # its server exists (allow-fewer-workers)
 
     def begin_closing(self) -> None:
         """The whole cluster is being deleted: teardown confirms every deletion at once."""
@@ -120,11 +147,19 @@ class ServerFactory:
     def record(self, server: ServerInfo) -> None:
         """The API's latest view of one of this cluster's servers."""
         self.servers[server.name] = server
+        if server.labels.get(LABEL_ROLE) == "scheduler":
+            self.scheduler_recorded.set()
 
     def _locations(self, server_type: str) -> list[str]:
-        # A type sold out in a location stays so for a while: later servers go elsewhere first.
+        # A type sold out in a location stays so for a while: later servers go elsewhere first,
+        # and so do they where the catalog read at the start says it cannot be ordered.
         preferred = self.settings.locations
-        first = [x for x in preferred if (server_type, x) not in self._sold_out]
+        types = self.cloud.cached_server_types() or {}
+        info = types.get(server_type)
+        first = [
+            x for x in preferred
+            if (server_type, x) not in self._sold_out and (info is None or x in info.available)
+        ]  # fmt: skip
         return first + [x for x in preferred if x not in first]
 
     async def create(
@@ -143,13 +178,15 @@ class ServerFactory:
                 except CloudError as e:
                     self.shared.release(name)
                     last = e
-                    if e.code == "placement_error":
+                    if group_full(e):
                         # Full (or out of spread capacity): next time use another group.
                         self.shared.mark_full(group)
                         continue
-                    if e.code == "resource_unavailable":
+                    if e.code == "resource_unavailable" or not_offered(e):
                         self._sold_out.add((server_type, location))
                         break
+                    if is_limit(e):
+                        raise self._limit_reached(name, e) from None
                     raise
                 except BaseException:
                     self.shared.release(name)
@@ -180,7 +217,26 @@ class ServerFactory:
             )
         )
 
+    def _limit_reached(self, name: str, e: CloudError) -> ServerLimitReached:
+        error = ServerLimitReached(
+            f"creating server {name}: the Hetzner account's server limit is reached with "
+            f"{len(self.servers)} servers of this cluster; {WHERE_TO_RAISE}",
+            e.api_message,
+            len(self.servers),
+        )
+        if self.limit_hit is None:
+            self.limit_hit = error
+            self.limit_event.set()
+        return error
+
     def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
+        if not_offered(last):
+            return CloudError(
+                f"creating server {name}: server type {server_type} is not offered in "
+                f"{', '.join(tried)} (dask-hetzner types lists where each type is sold)",
+                last.code,
+                last.api_message,
+            )
         if last.code != "resource_unavailable":
             return last
         hint = "" if self.settings.fallback_locations else " (set fallback_locations to try others)"
@@ -223,6 +279,14 @@ class ServerFactory:
                         what, e.code, f"{e.api_message}; its create action failed twice"
                     ) from None
                 logger.warning("%s: create action failed (%s); trying a new server", what, e.code)
+            except remote.HostKeyMismatch as e:
+                # Never reached yet: not an attacker but cloud-init that did not apply the
+                # user data (a first-boot crash, docs/simulator.md fault `cloud_init_fails`).
+                await cancelled(located)
+                await asyncio.shield(self.delete(server, wait=True))
+                if attempt == 2:
+                    raise remote.HostKeyMismatch(f"{what}: {CLOUD_INIT_FAILED} twice ({e})") from None
+                logger.warning("%s: %s (%s); trying a new server", what, CLOUD_INIT_FAILED, e)
             except BaseException:
                 await cancelled(located)
                 await asyncio.shield(self.delete(server, wait=True))
@@ -292,7 +356,6 @@ class ServerFactory:
 
     async def delete(self, server: ServerInfo, *, wait: bool = True) -> None:
         self._deleted.add(server.id)
-        self.shared.release(server.name)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)
         await self.pins.forget(server)
@@ -300,6 +363,7 @@ class ServerFactory:
             await self.watcher.wait_gone(
                 server.id, timeout=self.settings.timeouts["close"], worker=server.labels.get(LABEL_WORKER)
             )
+            self._release(server)
         elif not self.closing:
             # Nobody waits for it (a retired worker): a lazy poll still sees it go.
             task = asyncio.ensure_future(self._confirm_gone(server))
@@ -311,12 +375,19 @@ class ServerFactory:
         timeout = self.settings.timeouts["close"]
         try:
             await self.watcher.wait_gone(server.id, timeout=timeout, worker=worker, lazy=True)
+            self._release(server)
         except TimeoutError:
             # A delete action that failed: the server would be billed until the cluster closes.
             logger.warning("server %s still exists %.0f s after its delete: deleting it again", server.name, timeout)
             await self.cloud.delete_server(server.id)
         except Exception as e:
             logger.warning("confirming the deletion of server %s: %s", server.name, e)
+
+    def _release(self, server: ServerInfo) -> None:
+        # Its placement group's slot frees only once the API confirms it is gone (a deleted
+        # server still counts: placement_group_member_limit_reached); not a successor's slot.
+        if server.name not in self.servers:
+            self.shared.release(server.name)
 
     def forget_all(self) -> None:
         """Teardown confirmed that every server of the cluster is gone."""

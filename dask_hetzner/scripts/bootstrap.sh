@@ -1,8 +1,8 @@
 #!/bin/bash
 # dask-hetzner bootstrap: builds ~/.dask-hetzner/env with uv; safe to re-run.
 # A template: dask_hetzner/environment.py (bootstrap_script) replaces the @INPUTS@ line with
-# the inputs (REMOTE_DIR, ROLE, HASH, UV_VERSION, PYTHON_VERSION, INDEX_URL, REQUIREMENTS,
-# APT_PACKAGES, SETUP_COMMANDS, LOCAL_WHEELS,
+# the inputs (REMOTE_DIR, ROLE, HASH, UV_VERSION, PYTHON_VERSION, INDEX_URL, PYTHON_DOWNLOADS_JSON_URL,
+# PYTHON_PREFERENCE, REQUIREMENTS, APT_PACKAGES, SETUP_COMMANDS, LOCAL_WHEELS,
 # REPORT_NAMES, PINS and the Python helpers FETCH_UV_PY, REPORT_PY, COMPARE_PY).
 set -Eeuo pipefail
 umask 022
@@ -78,7 +78,13 @@ fi
 INDEX_ARGS=()
 if [ -n "$INDEX_URL" ]; then INDEX_ARGS=(--index-url "$INDEX_URL"); fi
 
-# 2. a fresh virtual environment with the client's Python major.minor
+# 2. a fresh virtual environment with the client's Python major.minor: the image's when it
+# has it (Ubuntu 24.04: 3.12), else uv downloads a build (outbound IPv4 to GitHub, or the
+# mirror hetzner.python-downloads-json-url names; hetzner.python-preference: uv's choice)
+if [ -n "${PYTHON_DOWNLOADS_JSON_URL:-}" ]; then
+    export UV_PYTHON_DOWNLOADS=automatic UV_PYTHON_DOWNLOADS_JSON_URL="$PYTHON_DOWNLOADS_JSON_URL"
+fi
+if [ -n "${PYTHON_PREFERENCE:-}" ]; then export UV_PYTHON_PREFERENCE="$PYTHON_PREFERENCE"; fi
 cd "$BASE"
 rm -rf -- "$ENV_DIR"
 "$UV" venv --no-config --no-project --python "$PYTHON_VERSION" "$ENV_DIR"

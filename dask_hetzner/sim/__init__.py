@@ -93,6 +93,8 @@ class Simulator:
         faults: Iterable[FaultRule | str] = (),
     ):
         self.token = token or secrets.token_urlsafe(48)
+        # A read-only token of the same project: GETs only, as a "Read" token on Hetzner.
+        self.readonly_token = secrets.token_urlsafe(48)
         self.host = host
         self.port = port
         self.ssh_port = ssh_port
@@ -154,6 +156,7 @@ class Simulator:
             timing=self.timing,
             token=self.token,
             validate_responses=self.validate_responses,
+            readonly_token=self.readonly_token,
         )
         self._runner = web.AppRunner(self.api.make_app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -251,6 +254,11 @@ class Simulator:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"http://{host}:{self.port}/v1"
 
+    @property
+    def python_downloads_url(self) -> str:
+        """uv's list of Python downloads as this simulator serves it (sim/pythons.py)."""
+        return self.endpoint.removesuffix("/v1") + "/python/downloads.json"
+
     def dask_config(self) -> dict[str, Any]:
         """``hetzner.*`` settings pointing dask-hetzner at this simulator."""
         return {
@@ -262,6 +270,8 @@ class Simulator:
             "hetzner.dashboard-port": 0,
             # Instant actions: polling once a second would only add waiting.
             "hetzner.api.poll-interval": "100ms",
+            # A Python the servers lack comes from here, not from the internet.
+            "hetzner.python-downloads-json-url": self.python_downloads_url,
         }
 
     @property

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import pythons
 from .faults import API_FAULTS, FaultRule, FaultSet
 from .listing import QUERY_ERROR_STATUS
 from .ratelimit import RateLimiter, RateLimitState
@@ -127,6 +128,7 @@ class Api:
         timing: Timing,
         token: str,
         validate_responses: bool = False,
+        readonly_token: str | None = None,
     ):
         self.store = store
         self.spec = spec
@@ -134,6 +136,7 @@ class Api:
         self.ratelimiter = ratelimiter
         self.timing = timing
         self.token = token
+        self.readonly_token = readonly_token
         self.validate_responses = validate_responses
         self.stats = Stats()
         self.violations: list[str] = []
@@ -146,8 +149,20 @@ class Api:
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024)
+        # Beside the API, no token: a mirror of uv's Python downloads (sim/pythons.py).
+        app.router.add_get("/python/{name}", self.python_mirror)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
+
+    async def python_mirror(self, request: web.Request) -> web.StreamResponse:
+        data = await asyncio.to_thread(pythons.archive)
+        name = request.match_info["name"]
+        if name == "downloads.json":
+            base = f"{request.scheme}://{request.host}"
+            return web.json_response(pythons.downloads(base, data))
+        if name == pythons.archive_name():
+            return web.Response(body=data, content_type="application/gzip")
+        raise web.HTTPNotFound()
 
     # -- the one handler -----------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -183,7 +198,11 @@ class Api:
         if not (full == "/v1" or full.startswith("/v1/")):
             raise not_found()
         path = full[3:] or "/"
-        if request.headers.get("Authorization", "") != f"Bearer {self.token}":
+        auth = request.headers.get("Authorization", "")
+        if self.readonly_token and auth == f"Bearer {self.readonly_token}":
+            if method != "GET":  # Hetzner's "Read" tokens (the spec's 401 token_readonly)
+                raise ApiError(401, "token_readonly", "The token is only allowed to perform GET requests.")
+        elif auth != f"Bearer {self.token}":
             raise ApiError(401, "unauthorized", "unable to authenticate")
         route, path_params, allowed = self._match(method, path)
         if route is not None:

@@ -67,6 +67,10 @@ API_FAULTS: dict[str, Kind] = {
     # (a client timeout then retries and meets the real uniqueness error).
     "uniqueness_error": Kind(409, "uniqueness_error", "name is already used", "POST", _CREATE, ("field", "delay")),
     "placement_error": Kind(422, "placement_error", "error during placement", "POST", r"^/servers$"),
+    # 422 for a spread group that holds 10 servers, as Hetzner answers it today.
+    "placement_group_member_limit_reached": Kind(
+        422, "placement_group_member_limit_reached", "placement group contains already 10 servers", "POST", r"^/servers$"
+    ),
     "conflict": Kind(
         409,
         "conflict",
@@ -87,6 +91,12 @@ HOST_FAULTS: dict[str, tuple[str, ...]] = {
     "server_vanishes": ("after",),  # gone from the API and destroyed, `after` s past running
     # Every SSH connection is cut `after` s past boot; sshd refuses for `down` s, then is back.
     "ssh_drop": ("after", "down"),
+    # cloud-init crashes on first boot: neither user_data (the pinned host key) nor the
+    # create request's ssh_keys (root's authorized_keys) are applied; the image's own
+    # generated host key is offered and every client key refused.
+    "cloud_init_fails": (),
+    # The private NIC never gets its address (`nudge=1`: until `udevadm trigger` on the server).
+    "private_nic_missing": ("nudge",),
 }
 
 KINDS = tuple(API_FAULTS) + tuple(HOST_FAULTS)

@@ -78,7 +78,7 @@ from .cpu import CpuShares
 from .host import Host, HostSpec
 from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool
 from .sessions import Sessions
-from .sshd import authorized_keys, host_keys, listen
+from .sshd import authorized_keys, cloud_config_ssh_port, host_keys, listen
 
 __all__ = ["HOST_NICENESS", "HostManager", "HostSpec"]
 
@@ -379,7 +379,8 @@ class HostManager:
             log.error("server %s: cannot listen for SSH: %s", host.spec.server_id, exc)
 
     async def _listen(self, host: Host) -> None:
-        await listen(host, self.ssh_port, self.sessions.session)
+        port = cloud_config_ssh_port(host.spec.user_data, self.ssh_port)
+        await listen(host, port, self.sessions.session)
 
     def _new_host(self, spec: HostSpec) -> Host:
         return Host(

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -211,6 +212,26 @@ def authorized_keys(lines: Iterable[str]) -> set[bytes]:
         except (asyncssh.KeyImportError, ValueError):
             log.warning("ignoring an authorized key that cannot be read: %.40s...", line)
     return keys
+
+
+def cloud_config_ssh_port(user_data: str | None, default: int) -> int:
+    """The port sshd listens on: the image's, unless the cloud-config's ``write_files`` puts a
+    ``Port`` into ``/etc/ssh/sshd_config.d/`` (cloud-init writes it, its ``runcmd`` restarts
+    sshd). Nothing else moves it: Hetzner does not (docs/simulator.md, "Deliberate behaviours")."""
+    if not user_data or not user_data.lstrip().startswith("#cloud-config"):
+        return default
+    try:
+        config = yaml.safe_load(user_data)
+    except yaml.YAMLError:
+        return default
+    files = config.get("write_files") if isinstance(config, dict) else None
+    for entry in files if isinstance(files, list) else []:
+        path = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+        if path.startswith("/etc/ssh/sshd_config.d/") and path.endswith(".conf"):
+            found = re.search(r"^\s*Port\s+(\d+)\s*$", str(entry.get("content", "")), re.MULTILINE)
+            if found:
+                return int(found.group(1))
+    return default
 
 
 def cloud_config_host_keys(user_data: str | None) -> list[asyncssh.SSHKey]:

@@ -75,6 +75,10 @@ class Timing:
     def start_server(self) -> float:
         return self._scaled(self.rng.uniform(2.0, 5.0)) if not self.instant else 0.0
 
+    def private_nic_delay(self) -> float:
+        # The private NIC is configured (hc-utils, cloud-init) a few seconds after boot.
+        return self._scaled(self.rng.uniform(1.0, 8.0)) if not self.instant else 0.0
+
     def ssh_delay(self) -> float:
         # Seconds usually; sometimes (networkd waiting) up to two minutes.
         if self.instant:

@@ -86,6 +86,7 @@ async def test_no_hosts(asim):
         "hetzner.scheduler-port": 0,
         "hetzner.dashboard-port": 0,
         "hetzner.api.poll-interval": "100ms",
+        "hetzner.python-downloads-json-url": asim.python_downloads_url,
     }
     async with Raw(asim) as raw:
         sid = (await raw.post("/servers", server_body("x"))).body["server"]["id"]

@@ -260,7 +260,10 @@ def test_fault_kinds_and_parsing():
         "placement_error", "conflict", "slow_action",
     }
     assert readme_ten <= set(API_FAULTS)
-    assert set(HOST_FAULTS) == {"ssh_never", "slow_boot", "processes_die", "server_vanishes", "ssh_drop"}
+    assert set(HOST_FAULTS) == {
+        "ssh_never", "slow_boot", "processes_die", "server_vanishes", "ssh_drop", "cloud_init_fails",
+        "private_nic_missing",
+    }
     rule = parse_fault("resource_unavailable:location=fsn1,server_type=cx23,count=2,probability=0.5,seed=3")
     assert (rule.kind, rule.location, rule.server_type, rule.count, rule.probability) == (
         "resource_unavailable", "fsn1", "cx23", 2, 0.5,

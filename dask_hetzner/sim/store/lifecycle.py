@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..faults import FaultRule
@@ -87,7 +88,11 @@ class Lifecycle:
         )
         if ssh_never:
             server.timings.drawn["ssh_never"] = 1.0
-        if not await self._boot_host(server, ssh_delay, ssh_never):
+        # docs/simulator.md, fault `cloud_init_fails`: nothing of the user data is applied.
+        crashed = bool(self._matching("cloud_init_fails", server))
+        if crashed:
+            server.timings.drawn["cloud_init_fails"] = 1.0
+        if not await self._boot_host(server, ssh_delay, ssh_never, crashed):
             return
         server.timings.mark("booted")
         if not ssh_never:  # hosts listen ssh_delay after boot returns
@@ -96,9 +101,14 @@ class Lifecycle:
             self.core.spawn(self.kill_later(server, rule))
         for rule in self._matching("ssh_drop", server):
             self.core.spawn(self.drop_ssh_later(server, rule))
+        try:
+            self._configure_nics(server)
+        except OSError as exc:  # a host manager without directories (a recording stand-in)
+            log.debug("server %s: no NIC state written: %r", server.id, exc)
 
-    async def _boot_host(self, server: Server, ssh_delay: float, ssh_never: bool) -> bool:
-        """``hosts.boot``; False if the host failed (recorded in ``host_errors``)."""
+    async def _boot_host(self, server: Server, ssh_delay: float, ssh_never: bool, crashed: bool = False) -> bool:
+        """``hosts.boot``; False if the host failed (recorded in ``host_errors``). ``crashed``:
+        cloud-init applied neither the user data nor the SSH keys."""
         if self.hosts is None or self.host_spec is None:
             return True
         spec = self.host_spec(
@@ -106,8 +116,8 @@ class Lifecycle:
             name=server.name,
             public_ip=server.host_ip,
             private_ips=[nic.ip for nic in server.private.values()],
-            authorized_keys=list(server.authorized_keys),
-            user_data=server.user_data,
+            authorized_keys=[] if crashed else list(server.authorized_keys),
+            user_data=None if crashed else server.user_data,
         )
         server.host_exists = True
         try:
@@ -119,6 +129,31 @@ class Lifecycle:
             self.core.host_errors.append(f"boot {server.id}: {exc!r}")
             return False
         return True
+
+    def _configure_nics(self, server: Server) -> None:
+        """The addresses ``ip addr`` shows inside the server (the ``ip`` shim): the public one
+        at once, the private one a moment later (docs/simulator.md, fault `private_nic_missing`)."""
+        if self.hosts is None or self.host_spec is None:
+            return
+        sim_dir = Path(self.hosts.directory(server.id)) / ".sim"
+        sim_dir.mkdir(parents=True, exist_ok=True)
+        (sim_dir / "nics").write_text(f"eth0 {server.host_ip}\n")
+        private = "".join(f"enp{7 + i}s0 {nic.ip}\n" for i, nic in enumerate(server.private.values()))
+        missing = self._matching("private_nic_missing", server)
+        delay = self.core.timing.private_nic_delay()
+        if not missing and delay <= 0:
+            with open(sim_dir / "nics", "a") as f:
+                f.write(private)
+            return
+        (sim_dir / "nics.pending").write_text(private)
+        if any(str(r.params.get("nudge", "")).lower() in ("1", "true") for r in missing):
+            (sim_dir / "nudge-fixes").touch()
+        if not missing:
+            self.core.spawn(self._nics_later(sim_dir, delay))
+
+    async def _nics_later(self, sim_dir: Path, delay: float) -> None:
+        await asyncio.sleep(delay)
+        _apply_pending_nics(sim_dir)
 
     # -- host faults ---------------------------------------------------------
     async def kill_later(self, server: Server, rule: FaultRule) -> None:
@@ -177,3 +212,12 @@ class Lifecycle:
         except Exception as exc:
             log.exception("hosts.%s failed for server %s", method, server.id)
             self.core.host_errors.append(f"{method} {server.id}: {exc!r}")
+
+
+def _apply_pending_nics(sim_dir: Path) -> None:
+    """The private NIC is configured now (what the ``udevadm`` shim does on a nudge)."""
+    pending = sim_dir / "nics.pending"
+    if pending.exists():
+        with open(sim_dir / "nics", "a") as f:
+            f.write(pending.read_text())
+        pending.unlink(missing_ok=True)

@@ -42,8 +42,11 @@ class PlacementGroup:
         }
 
 
-def group_full() -> ApiError:
-    return ApiError(422, "placement_error", "spread placement group is full (10 servers)")
+def group_full(group_id: int) -> ApiError:
+    # The code Hetzner answers today (terraform-provider-hcloud #1170; earlier service_error).
+    return ApiError(
+        422, "placement_group_member_limit_reached", f"placement group with ID {group_id} contains already 10 servers"
+    )
 
 
 class PlacementGroupStore:
@@ -84,7 +87,7 @@ class PlacementGroupStore:
 
     def join(self, server: Server, pg: PlacementGroup) -> None:
         if len(pg.servers) >= SPREAD_GROUP_MAX:
-            raise group_full()
+            raise group_full(pg.id)
         pg.servers.append(server.id)
         server.placement_group = pg.id
 

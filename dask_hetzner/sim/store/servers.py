@@ -103,6 +103,10 @@ def _check_orderable(st: ServerType, loc: Location) -> None:
             "resource_unavailable",
             f'Server Type "{st.name}" is unavailable in "{loc.name}" and can no longer be ordered',
         )
+    if loc.name not in st.locations:
+        # Not a sold-out type but one never offered here: Hetzner answers 422, not 412
+        # (docs/simulator.md, "Deliberate behaviours").
+        raise ApiError(422, "invalid_input", "unsupported location for server type", {})
     if not st.orderable_in(loc.name):
         raise ApiError(
             412,
@@ -154,7 +158,7 @@ class ServerStore:
             raise limit_exceeded("server limit exceeded", "server_limit")
         _check_orderable(refs.server_type, refs.location)
         if refs.placement_group is not None and len(refs.placement_group.servers) >= SPREAD_GROUP_MAX:
-            raise group_full()
+            raise group_full(refs.placement_group.id)
         server = self._build(body, refs)
         self._link(server, refs)
         return self._actions(server, body, refs)

@@ -202,5 +202,5 @@ def test_system_setup_runs_before_the_environment_and_a_failure_rolls_back(sim, 
         assert (home / "setup-ran.txt").read_text() == f"{marker}\n"
     with pytest.raises(Exception, match=r"(?s)setup-about-to-fail.*a setup command failed") as info:
         HetznerCluster(workers=1, name="setup2", setup_commands=["echo setup-about-to-fail; exit 7"])
-    assert "bootstrap of server setup2-" in str(info.value)
+    assert "server setup2-scheduler: bootstrap failed" in str(info.value)
     assert servers_of(sim, "setup2") == []

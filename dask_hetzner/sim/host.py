@@ -7,9 +7,11 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
+from .netns import Holder
 from .sandbox import Child, Dirs, Sandbox
 
 
@@ -46,6 +48,8 @@ class Host:
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self.children: set[Child] = set()
         self.groups: set[int] = set()  # unsandboxed: process groups to kill
+        self.netns: Holder | None = None  # its network namespace, from first boot to destroy
+        self.firewall: list[dict[str, Any]] | None = None  # rules in force; None: no firewall
         self._update_paths()
 
     def _update_paths(self) -> None:

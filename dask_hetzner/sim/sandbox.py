@@ -163,11 +163,16 @@ class Dirs:
     shims: Path
 
 
-async def start(server_id: int, name: str, dirs: Dirs, popen_in: PopenIn) -> Sandbox:
-    """Run sandbox.sh for a server; returns once its init is ready."""
+async def start(
+    server_id: int, name: str, dirs: Dirs, popen_in: PopenIn, netns_pid: int | None = None
+) -> Sandbox:
+    """Run sandbox.sh for a server (in the network namespace ``netns_pid`` holds, if given);
+    returns once its init is ready."""
+    # nsenter execs unshare in the server's network namespace (netns.py).
+    join = [tool("nsenter"), f"--net=/proc/{netns_pid}/ns/net", "--"] if netns_pid else []
     argv = [
         # If the simulator dies, unshare dies, and takes the init with it.
-        tool("setpriv"), "--pdeathsig", "KILL", "--",
+        tool("setpriv"), "--pdeathsig", "KILL", "--", *join,
         tool("unshare"), "--mount", "--pid", "--uts", "--fork",
         "--propagation", "private", "--kill-child=KILL",
         tool("bash"), str(SANDBOX_SCRIPT), name,
@@ -207,7 +212,7 @@ async def start(server_id: int, name: str, dirs: Dirs, popen_in: PopenIn) -> San
 def enter_argv(sandbox: Sandbox, home: Path, inner: list[str]) -> list[str]:
     """``inner`` run inside the sandbox, without the dropped capabilities."""
     return [
-        tool("nsenter"), "-t", str(sandbox.init_pid), "-m", "-p", "-u",
+        tool("nsenter"), "-t", str(sandbox.init_pid), "-m", "-p", "-u", "-n",
         f"--wdns={home}", "--",
         tool("setpriv"), "--bounding-set", ",".join("-" + c for c in DROPPED_CAPS), "--",
         *inner,

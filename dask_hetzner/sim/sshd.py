@@ -3,6 +3,7 @@ sandbox's write rules, forwarding to loopback only, host keys pinned by cloud-co
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -13,8 +14,10 @@ from typing import Any
 
 import asyncssh
 import yaml
+from asyncssh.forward import SSHForwarder
 
 from .host import Host
+from .netns import connected_socket, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,22 @@ class HostSSHServer(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
         # The simulated network is loopback; nothing may leave this machine.
-        if is_loopback(dest_host):
+        if not is_loopback(dest_host):
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        if self._host.netns is None:
             return True
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        # Dialled from inside the server, as sshd does: its own 127.0.0.1, its neighbours.
+        return self._forward(self._host.netns.pid, dest_host, dest_port)
+
+    async def _forward(self, pid: int, dest_host: str, dest_port: int) -> SSHForwarder:
+        host = "127.0.0.1" if dest_host == "localhost" else dest_host
+        try:
+            sock = await connected_socket(pid, host, dest_port)
+            loop = asyncio.get_running_loop()
+            _, peer = await loop.create_connection(SSHForwarder, sock=sock)
+        except OSError as exc:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        return SSHForwarder(peer)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False
@@ -171,24 +187,31 @@ def host_keys(host: Host) -> list[asyncssh.SSHKey]:
 
 async def listen(host: Host, port: int, session: SessionRunner) -> None:
     """Listen on every address of the host (as a real server listens on all interfaces)."""
+    if host.netns is not None:
+        # One socket on 0.0.0.0 inside the server's network namespace, as sshd's.
+        sock = await listening_socket(host.netns.pid, port)
+        host.acceptors.append(await _serve(host, session, sock=sock))
+        return
     addresses = [host.spec.public_ip, *host.spec.private_ips]
     for address in dict.fromkeys(addresses):
-        acceptor = await asyncssh.create_server(
-            functools.partial(HostSSHServer, host),
-            address,
-            port,
-            server_host_keys=host.host_keys,
-            process_factory=functools.partial(session, host),
-            sftp_factory=functools.partial(HostSFTPServer, host=host),
-            encoding=None,
-            line_editor=False,
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            server_version=SERVER_VERSION,
-            reuse_address=True,
-        )
+        acceptor = await _serve(host, session, host=address, port=port, reuse_address=True)
         host.acceptors.append(acceptor)
+
+
+async def _serve(server: Host, session: SessionRunner, **where: Any) -> asyncssh.SSHAcceptor:
+    return await asyncssh.create_server(
+        functools.partial(HostSSHServer, server),
+        server_host_keys=server.host_keys,
+        process_factory=functools.partial(session, server),
+        sftp_factory=functools.partial(HostSFTPServer, host=server),
+        encoding=None,
+        line_editor=False,
+        allow_scp=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        server_version=SERVER_VERSION,
+        **where,
+    )
 
 
 def is_loopback(host: str) -> bool:

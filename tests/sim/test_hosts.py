@@ -634,12 +634,16 @@ async def test_hosts_reach_each_other_on_private_ips(cloud: Cloud) -> None:
     )
     result = await cloud.run(2, f'python3 -c "{client}"')
     assert result.stdout == "hello from node-1\n", result.stderr
-    # Real servers listen for SSH on every interface, private ones included.
-    async with asyncssh.connect(
-        private, 22, username="root", client_keys=[cloud.client_key],
+    # Real servers listen for SSH on every interface, private ones included: reached from
+    # node-2 (through its sshd), never from the client (docs/simulator.md, "The network").
+    async with cloud.connect(2) as jump, asyncssh.connect(
+        private, 22, tunnel=jump, username="root", client_keys=[cloud.client_key],
         known_hosts=known_hosts(private, cloud.host_keys[1]),
     ) as conn:  # fmt: skip
         assert (await conn.run("hostname")).stdout == "node-1\n"
+    if cloud.manager.networked:
+        with pytest.raises(OSError):
+            await asyncio.wait_for(asyncio.open_connection(private, 22), 2)
 
 
 # -- shims -------------------------------------------------------------------

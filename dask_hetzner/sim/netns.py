@@ -138,7 +138,10 @@ class Network:
         await run(in_netns(hub, tool("ip"), "link", "set", _HUB_PORT, "master", _BRIDGE, "up"))
 
     async def close(self) -> None:
-        """The hub's death removes both links and every route through them."""
+        """Deleting this machine's end removes both links and every route through them (the
+        hub's death would too, but later: the kernel dismantles namespaces in the background)."""
+        with contextlib.suppress(RuntimeError):
+            await run([tool("ip"), "link", "del", self.link])
         if self.hub is not None:
             await self.hub.stop()
             self.hub = None

@@ -187,3 +187,58 @@ async def test_each_server_has_its_own_loopback_ports_and_firewall(servers: Serv
     await servers.raw.post(f"/firewalls/{fw}/actions/set_rules", {"rules": own})
     await servers.sim.settle()
     assert await answer(servers.public["alpha"], port) == "alpha"
+
+
+def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
+    """SIGKILL gives the simulator no chance to clean up: the kernel must do it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import hcloud
+    from hcloud.images import Image
+    from hcloud.server_types import ServerType
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_hetzner.sim", "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        endpoint = proc.stdout.readline().strip().split("=", 1)[1]
+        token = proc.stdout.readline().strip().split("=", 1)[1]
+        client = hcloud.Client(token=token, api_endpoint=endpoint, poll_interval=0.05)
+        created = client.servers.create(
+            "doomed", server_type=ServerType(name="cpx22"), image=Image(name="ubuntu-24.04")
+        )
+        created.action.wait_until_finished()
+        ip = created.server.public_net.ipv4.ip
+        deadline = time.monotonic() + 60
+        while client.servers.get_by_id(created.server.id).status != "running":
+            assert time.monotonic() < deadline, "the server did not reach running"
+            time.sleep(0.05)
+        while True:  # SSH comes up after running, as on Hetzner
+            try:
+                with socket.create_connection((ip, 22), timeout=10) as sock:  # in its namespace
+                    assert sock.recv(100).startswith(b"SSH-2.0-")
+                    break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "SSH did not come up"
+                time.sleep(0.05)
+        link = f"dhsim{proc.pid}"
+        assert link in os.listdir("/sys/class/net")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while link in os.listdir("/sys/class/net") or _route_to(ip):
+        assert time.monotonic() < deadline, "the killed simulator's link or route stayed"
+        time.sleep(0.05)
+
+
+def _route_to(ip: str) -> bool:
+    import subprocess
+
+    out = subprocess.run(["ip", "route", "show", "table", "local", f"{ip}/32"], capture_output=True, text=True)
+    return bool(out.stdout.strip())

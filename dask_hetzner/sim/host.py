@@ -61,14 +61,19 @@ class Host:
             (str(self.shims), str(self.shims)),
             ("/tmp", str(tmp)),
             ("/var/tmp", str(var_tmp)),
+            ("/root", str(self.home)),  # root's home is the server's directory
         ]
         self.mounts = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
-        self.reverse_mounts = [(str(tmp), "/tmp"), (str(var_tmp), "/var/tmp")]
+        self.reverse_mounts = [
+            (str(tmp), "/tmp"), (str(var_tmp), "/var/tmp"), (str(self.home), "/root"),
+        ]  # fmt: skip
         self.writable = [os.path.realpath(p) for p in (self.home, tmp, var_tmp)]
 
     def host_path(self, path: str) -> str:
-        """Where a path the server's SFTP client names lives on this machine."""
-        path = posixpath.normpath(posixpath.join(str(self.home), path))
+        """Where a path the server's SFTP client names lives on this machine (relative
+        ones start at /root, the server's directory). /etc is the machine's: SFTP does not
+        see the server's /etc overlay."""
+        path = posixpath.normpath(posixpath.join("/root", path))
         if path.startswith("//"):
             path = "/" + path.lstrip("/")
         for inside, outside in self.mounts:

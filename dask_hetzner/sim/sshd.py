@@ -4,6 +4,7 @@ sandbox's write rules, forwarding to loopback only, host keys pinned by cloud-co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -91,6 +92,13 @@ class HostSFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel, *, host: Host) -> None:
         super().__init__(chan)
         self._host = host
+
+    def exit(self) -> None:
+        # OpenSSH's sshd reports sftp-server's exit status (0) before closing the channel;
+        # OpenSSH 9's scp (SFTP underneath) and `ssh -s sftp` fail without it.
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
+        super().exit()
 
     def map_path(self, path: bytes) -> bytes:
         return os.fsencode(self._host.host_path(os.fsdecode(path)))

@@ -262,12 +262,15 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
         assert result.stdout == "HELLO\n"
         result = await conn.run("kill -KILL $$")
         assert result.exit_signal is not None and result.exit_signal[0] == "KILL"
-        # The client's environment is not forwarded (OpenSSH's AcceptEnv is off).
-        result = await conn.run("env -0; pwd; hostname", env={"LEAK": "1"})
+        # The client's environment is not forwarded but for Ubuntu's AcceptEnv LANG LC_*.
+        result = await conn.run("env -0; pwd; hostname", env={"LEAK": "1", "LC_TIME": "C"})
     *pairs, rest = result.stdout.split("\0")
     env = dict(pair.split("=", 1) for pair in pairs)
+    # A root's HOME: /root, the server's own directory mounted there.
+    if cloud.manager.sandboxed:
+        home = "/root"
     assert rest.split() == [home, "node-1"]
-    assert "LEAK" not in env
+    assert "LEAK" not in env and env["LC_TIME"] == "C"
     assert env["HOME"] == home and env["USER"] == "root" and env["LANG"] == "C.UTF-8"
     assert env["HOSTNAME"] == "node-1" and env["UV_PYTHON_DOWNLOADS"] == "never"
     assert env["XDG_CACHE_HOME"] == str(cloud.manager.cache_dir)
@@ -278,7 +281,7 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
     # Only what sshd and bash set, nothing from the simulator's environment.
     allowed = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "HOSTNAME", "XDG_CACHE_HOME"}
     allowed |= {"UV_PYTHON_DOWNLOADS", "UV_NATIVE_TLS", "SSH_CLIENT", "SSH_CONNECTION"}
-    allowed |= {"PWD", "SHLVL", "_"}
+    allowed |= {"PWD", "SHLVL", "_", "LC_TIME"}
     assert set(env) <= allowed
 
 
@@ -330,7 +333,7 @@ async def test_sftp_put_keeps_0600_and_resolves_relative_paths(
     local = tmp_path / "secret.pem"
     local.write_text("key\n")
     async with cloud.connect(1) as conn, conn.start_sftp_client() as sftp:
-        assert await sftp.realpath(".") == str(home)
+        assert await sftp.realpath(".") == "/root"  # root's home: the server's directory
         await sftp.put(str(local), "secret.pem")
         await sftp.chmod("secret.pem", 0o600)
         await sftp.makedirs("tls/ca")
@@ -362,7 +365,7 @@ async def test_sftp_refuses_writes_outside_the_server(cloud: Cloud, outside: Pat
     (outside / "file").write_text("host\n")
     await cloud.run(1, f"ln -s {outside} escape")
     async with cloud.connect(1) as conn, conn.start_sftp_client() as sftp:
-        for path in (f"{outside}/new", "/root/dask-hetzner-sim-test", "escape/new"):
+        for path in (f"{outside}/new", "/usr/dask-hetzner-sim-test", "escape/new"):
             with pytest.raises(asyncssh.SFTPPermissionDenied):
                 async with sftp.open(path, "w") as f:
                     await f.write("x")
@@ -383,7 +386,7 @@ async def test_sftp_refuses_writes_outside_the_server(cloud: Cloud, outside: Pat
             assert await f.read() == "host\n"
     assert names(outside) == ["file"]
     assert (outside / "file").stat().st_mode & 0o777 == 0o644
-    assert not exists("/root/dask-hetzner-sim-test")
+    assert not exists("/usr/dask-hetzner-sim-test")
 
 
 # -- the sandbox --------------------------------------------------------------
@@ -397,8 +400,6 @@ async def test_commands_cannot_write_outside_the_server(cloud: Cloud, tmp_path: 
     marker = f"dask-hetzner-sim-{os.getpid()}-{random.randrange(10**9)}"
     attempts = {
         "touch /work/x": Path("/work/x"),
-        "echo > /etc/x": Path("/etc/x"),
-        f"mkdir -p /root/{marker}": Path("/root") / marker,
         f"touch /usr/local/{marker}": Path("/usr/local") / marker,
         # Under the host's /tmp: hidden behind the server's own /tmp.
         f"touch {outside}/x": outside / "x",
@@ -415,12 +416,13 @@ async def test_commands_cannot_write_outside_the_server(cloud: Cloud, tmp_path: 
         assert (await conn.run("mount -o remount,rw /")).exit_status != 0
         assert (await conn.run(f"umount {cloud.manager.directory(1)}")).exit_status != 0
         assert (await conn.run("echo 1 > /proc/sys/vm/drop_caches")).exit_status != 0
-        # Its own directory, /tmp, /var/tmp and /dev/shm are writable.
-        script = "touch ~/home.txt /tmp/t /var/tmp/v /dev/shm/s && ls /dev"
+        # Its own directory (/root), /tmp, /var/tmp, /dev/shm and its /etc are writable.
+        script = f"touch /root/home.txt /tmp/t /var/tmp/v /dev/shm/s /etc/{marker} && ls /dev"
         result = await conn.run(script)
     assert result.exit_status == 0, result.stderr
     assert "vda" not in result.stdout and "null" in result.stdout
     assert (cloud.manager.directory(1) / "home.txt").exists()
+    assert not (Path("/etc") / marker).exists()  # the server's /etc, not this machine's
 
 
 async def test_tmp_is_private_to_each_server(cloud: Cloud) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import asyncssh
 import yaml
 from asyncssh.forward import SSHForwarder
+from asyncssh.sftp import MIN_SFTP_VERSION, run_sftp_server
 
 from .host import Host
 from .netns import connected_socket, listening_socket
@@ -32,9 +33,13 @@ SessionRunner = Callable[[Host, "asyncssh.SSHServerProcess[bytes]"], Any]
 class HostSSHServer(asyncssh.SSHServer):
     """sshd's policy for one host: root by public key, forwards to loopback only."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, session: SessionRunner) -> None:
         self._host = host
+        self._session = session
         self._conn: asyncssh.SSHServerConnection | None = None
+
+    def session_requested(self) -> HostProcess:
+        return HostProcess(self._host, self._session)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -79,6 +84,38 @@ class HostSSHServer(asyncssh.SSHServer):
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False
+
+
+class HostProcess(asyncssh.SSHServerProcess[bytes]):
+    """A session: exec and shells go to the session runner (sessions.py); the sftp
+    subsystem ends like OpenSSH's, with exit status 0, even when the client sends EOF at
+    once (asyncssh's own sftp session then drops the whole connection)."""
+
+    def __init__(self, host: Host, session: SessionRunner) -> None:
+        super().__init__(
+            functools.partial(session, host),
+            functools.partial(HostSFTPServer, host=host),
+            MIN_SFTP_VERSION,
+            False,  # no scp protocol: OpenSSH 9's scp speaks SFTP
+        )
+        self._host = host
+
+    def session_started(self) -> None:
+        if self.channel.get_subsystem() != "sftp":
+            super().session_started()
+            return
+        reader: asyncssh.SSHReader[bytes] = asyncssh.SSHReader(self, self.channel)
+        writer: asyncssh.SSHWriter[bytes] = asyncssh.SSHWriter(self, self.channel)
+        self.channel.get_connection().create_task(self._sftp(reader, writer))
+
+    async def _sftp(self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
+        sftp = HostSFTPServer(self.channel, host=self._host)
+        try:
+            await run_sftp_server(sftp, reader, writer, MIN_SFTP_VERSION)
+        except (asyncio.IncompleteReadError, asyncssh.Error, OSError):
+            pass  # the client went: sftp-server exits 0 at EOF
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
 
 
 class HostSFTPServer(asyncssh.SFTPServer):
@@ -208,10 +245,8 @@ async def listen(host: Host, port: int, session: SessionRunner) -> None:
 
 async def _serve(server: Host, session: SessionRunner, **where: Any) -> asyncssh.SSHAcceptor:
     return await asyncssh.create_server(
-        functools.partial(HostSSHServer, server),
+        functools.partial(HostSSHServer, server, session),
         server_host_keys=server.host_keys,
-        process_factory=functools.partial(session, server),
-        sftp_factory=functools.partial(HostSFTPServer, host=server),
         encoding=None,
         line_editor=False,
         allow_scp=False,

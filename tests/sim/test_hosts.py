@@ -745,3 +745,45 @@ async def test_unsandboxed_fallback(
     # Best effort without namespaces: a command's process group dies.
     await cloud.manager.power_off(1)
     await eventually(lambda: not running(int(pid)), what="the unsandboxed sleep to die")
+
+
+# -- OpenSSH's own client ----------------------------------------------------
+
+
+async def test_openssh_scp_sftp_and_a_roots_session(cloud: Cloud, tmp_path: Path) -> None:
+    """OpenSSH 9's scp and sftp see exit status 0; /root, /etc and signals as sshd leaves them."""
+    import signal
+    import subprocess
+
+    if shutil.which("scp") is None:
+        pytest.skip("needs OpenSSH's client (Debian openssh-client)")
+    # A simulator started under nohup ignores SIGHUP: its sessions must not.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        spec = await cloud.boot(1)
+        cloud.require_sandbox()
+        key = tmp_path / "id"
+        key.write_bytes(cloud.client_key.export_private_key())
+        key.chmod(0o600)
+        options = ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                   "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
+        local = tmp_path / "f"
+        local.write_text("copied\n")
+
+        def openssh(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+        scp = await asyncio.to_thread(openssh, "scp", *options, str(local), f"root@{spec.public_ip}:/root/f")
+        assert scp.returncode == 0, scp.stderr
+        assert (cloud.manager.directory(1) / "f").read_text() == "copied\n"
+        sftp = await asyncio.to_thread(openssh, "ssh", *options, "-s", f"root@{spec.public_ip}", "sftp")
+        assert sftp.returncode == 0, sftp.stderr
+        check = "cat /etc/hostname; grep SigIgn /proc/self/status; echo $HOME"
+        out = await asyncio.to_thread(openssh, "ssh", *options, f"root@{spec.public_ip}", check)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    hostname, ignored, home = out.stdout.split("\n")[:3]
+    assert hostname == "node-1" and home == "/root"
+    mask = int(ignored.split()[1], 16)
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGINT):
+        assert not mask & (1 << (sig - 1)), f"{sig.name} is ignored in a fresh session"

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncssh
 
+from .egress import Egress
 from .netns import Holder
 from .sandbox import Child, Dirs, Sandbox
 
@@ -49,6 +50,7 @@ class Host:
         self.children: set[Child] = set()
         self.groups: set[int] = set()  # unsandboxed: process groups to kill
         self.netns: Holder | None = None  # its network namespace, from first boot to destroy
+        self.egress: Egress | None = None  # its relays to the internet (egress.py)
         self.firewall: list[dict[str, Any]] | None = None  # rules in force; None: no firewall
         self._update_paths()
 

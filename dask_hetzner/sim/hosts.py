@@ -76,6 +76,7 @@ from typing import Any
 
 from . import firewall
 from .cpu import CpuShares
+from .egress import Egress
 from .host import Host, HostSpec
 from .netns import Holder, Network
 from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool
@@ -365,12 +366,15 @@ class HostManager:
             return
         if host.netns is None:
             netns = await Holder.start()
+            egress = Egress()
             try:
                 await network.attach(host.spec.server_id, netns)
+                await egress.start(netns.pid)
             except BaseException:
+                egress.close()
                 await netns.stop()
                 raise
-            host.netns = netns
+            host.netns, host.egress = netns, egress
         await network.address(host.netns, host.spec.public_ip, host.spec.private_ips)
         await self._apply_firewall(host)
 
@@ -386,6 +390,9 @@ class HostManager:
         if host.netns is None:
             return
         netns, host.netns = host.netns, None
+        if host.egress is not None:
+            host.egress.close()
+            host.egress = None
         await netns.stop()
         network = await self._check_network()
         if network is not None:

@@ -26,6 +26,7 @@ class HostSpec:
     private_ips: list[str] = field(default_factory=list)  # loopback, reachable by other hosts
     authorized_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
     user_data: str | None = None  # cloud-config; ssh_keys.*_private pin the host key
+    snapshot: int | None = None  # the snapshot (image id) the server was created from
 
 
 class Host:

@@ -154,9 +154,14 @@ class HostManager:
         Booting a running server does nothing.
         """
         host = self._hosts.get(spec.server_id)
+        restore = None
         if host is None:
             host = self._hosts[spec.server_id] = self._new_host(spec)
+            if spec.snapshot is not None and not self.directory(spec.server_id).exists():
+                restore = self._image_dir(spec.snapshot)  # a new server from a snapshot
         async with host.lock:
+            if restore is not None:
+                await asyncio.to_thread(_restore, restore, host.home, host.private / "etc" / "upper")
             if host.running:
                 return
             host.spec = spec
@@ -260,10 +265,24 @@ class HostManager:
             await network.close()
         if self._client_pool is not None:
             self._client_pool.close()
-        dirs = [self.root_dir / ".private", self.shims_dir]
+        dirs = [self.root_dir / ".private", self.root_dir / ".images", self.shims_dir]
         if self._own_cache:
             dirs.append(self.cache_dir)
         await asyncio.to_thread(rmtree, *dirs)
+
+    async def snapshot(self, server_id: int, image_id: int) -> None:
+        """Copy the server's disk (its directory and its /etc changes) into an image."""
+        host = self._hosts.get(server_id)
+        if host is None:
+            return
+        target = self._image_dir(image_id)
+        await asyncio.to_thread(_copy_disk, host.home, host.private / "etc" / "upper", target)
+
+    async def forget_image(self, image_id: int) -> None:
+        await asyncio.to_thread(rmtree, self._image_dir(image_id))
+
+    def _image_dir(self, image_id: int) -> Path:
+        return self.root_dir / ".images" / str(image_id)
 
     async def set_firewall(self, server_id: int, rules: list[dict[str, Any]] | None) -> None:
         """The rules of the firewalls applied to a server (None: none applies); enforced
@@ -500,6 +519,23 @@ def _raise_fd_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+def _copy_disk(home: Path, etc: Path, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    if home.is_dir():
+        shutil.copytree(home, target / "home", symlinks=True)
+    if etc.is_dir():
+        shutil.copytree(etc, target / "etc", symlinks=True)
+
+
+def _restore(image: Path, home: Path, etc: Path) -> None:
+    """A new server's disk from a snapshot (an image deleted meanwhile: an empty disk)."""
+    if (image / "home").is_dir():
+        shutil.copytree(image / "home", home, symlinks=True, dirs_exist_ok=True)
+    if (image / "etc").is_dir():
+        shutil.copytree(image / "etc", etc, symlinks=True, dirs_exist_ok=True)
 
 
 def rmtree(*paths: Path) -> None:

@@ -242,3 +242,23 @@ def _route_to(ip: str) -> bool:
 
     out = subprocess.run(["ip", "route", "show", "table", "local", f"{ip}/32"], capture_output=True, text=True)
     return bool(out.stdout.strip())
+
+
+async def test_a_server_from_a_snapshot_starts_with_its_disk(servers: Servers) -> None:
+    await servers.create(["origin"])
+    made = await servers.run("origin", "echo kept > /root/data && echo conf > /etc/app.conf")
+    assert made.exit_status == 0, made.stderr
+    r = await servers.raw.post(f"/servers/{servers.ids['origin']}/actions/create_image", {"type": "snapshot"})
+    assert r.status == 201, r.body
+    await wait_action(servers.raw, r.body["action"]["id"])
+    image = r.body["image"]["id"]
+    key = (await servers.raw.get("/ssh_keys")).body["ssh_keys"][0]["id"]
+    r = await servers.raw.post("/servers", server_body("copy", image=image, ssh_keys=[key]))
+    assert r.status == 201, r.body
+    servers.ids["copy"] = r.body["server"]["id"]
+    servers.public["copy"] = r.body["server"]["public_net"]["ipv4"]["ip"]
+    await servers.sim.settle(timeout=60)
+    seen = await servers.run("copy", "cat /root/data /etc/app.conf; hostname")
+    assert seen.stdout == "kept\nconf\ncopy\n", seen.stderr
+    d = await servers.raw.delete(f"/images/{image}")
+    assert d.status == 204, d.body

@@ -81,6 +81,7 @@ class Store:
         self.firewall_store = FirewallStore(self.core, self.servers)
         self.group_store = PlacementGroupStore(self.core)
         self.image_store = ImageStore(self.core)
+        self.image_store.hosts = hosts
         self.server_store = ServerStore(
             self.core,
             table=self.servers,

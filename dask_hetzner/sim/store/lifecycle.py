@@ -108,6 +108,7 @@ class Lifecycle:
             private_ips=[nic.ip for nic in server.private.values()],
             authorized_keys=list(server.authorized_keys),
             user_data=server.user_data,
+            snapshot=server.image.id if server.image.type != "system" else None,
         )
         server.host_exists = True
         try:

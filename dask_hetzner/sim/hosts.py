@@ -120,10 +120,13 @@ class HostManager:
         self._removals: set[asyncio.Future[None]] = set()  # directories of destroyed servers
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
-        # A network namespace per sandboxed server (netns.py) unless network=False.
-        self._want_network = network
         self._network: asyncio.Future[Network | None] | None = None
         self._client_pool: AddressPool | None = None
+        self._client_ip: str | None = None
+        if network and os.geteuid() == 0:
+            # Claimed now, so the client's address is known before the first boot.
+            self._client_pool = AddressPool("client", range(1, 64))
+            self._client_ip = self._client_pool.allocate()[0]
         self._firewalls: dict[int, list[dict[str, Any]] | None] = {}
         self.cpu = CpuShares(HOST_NICENESS, tool("sh"))
         self.root_dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +301,13 @@ class HostManager:
     # -- extras for tests and diagnostics -----------------------------------
 
     @property
+    def client_ip(self) -> str | None:
+        """This machine's address on the simulated network (what servers and firewalls see
+        connections from the client come from); None without network namespaces."""
+        failed = self._network is not None and self._network.done() and self._network.result() is None
+        return None if failed else self._client_ip
+
+    @property
     def networked(self) -> bool:
         """Whether servers have network namespaces of their own (after the first boot)."""
         return self._network is not None and self._network.done() and self._network.result() is not None
@@ -367,11 +377,10 @@ class HostManager:
         return await asyncio.shield(self._network)
 
     async def _start_network(self) -> Network | None:
-        if not self._want_network:
+        if self._client_ip is None:
             return None
         try:
-            self._client_pool = AddressPool("client", range(1, 64))
-            network = Network(self._client_pool.allocate()[0])
+            network = Network(self._client_ip)
             await network.start()
         except Exception as exc:
             log.warning("simulated servers SHARE this machine's network (no namespaces): %s", exc)

@@ -1,7 +1,8 @@
 """Simulated hosts: every running simulated server is a real SSH endpoint.
 
 A server that is ``running`` listens for SSH on ``(public_ip, ssh_port)`` (and
-on its private IPs, as a real server listens on all interfaces). It behaves
+on its private IPs, as a real server listens on all interfaces), in a network
+namespace of its own (``netns.py``; firewalls ``firewall.py``, internet ``egress.py``). It behaves
 like OpenSSH for ``root`` on Ubuntu 24.04:
 
 * public-key login for ``root`` with the create request's ``ssh_keys``; the
@@ -31,7 +32,8 @@ init kills every process of the server, daemons included: that is how power
 off works. Without root (no ``unshare``) commands run unsandboxed, with a
 logged warning.
 
-Inside a server: ``HOME`` = the server's directory, ``USER=root``, ``PATH`` =
+Inside a server: ``HOME`` = ``/root``, where the server's directory is mounted
+(its host path without a sandbox), its own ``/etc`` overlay, ``USER=root``, ``PATH`` =
 the shims (``shims/README.md``), the host Python's base ``bin`` (``python3``
 is the real interpreter), then the usual Ubuntu root PATH; ``XDG_CACHE_HOME``
 = the shared cache (uv's and pip's caches, the stand-in for a nearby package

@@ -76,15 +76,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import firewall
 from .cpu import CpuShares
-from .egress import Egress
 from .host import Host, HostSpec
-from .netns import Holder, Network
+from .networking import Networking
 from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool
 from .sessions import Sessions
 from .sshd import authorized_keys, host_keys, listen
-from .store.addresses import AddressPool
 
 __all__ = ["HOST_NICENESS", "HostManager", "HostSpec"]
 
@@ -122,14 +119,7 @@ class HostManager:
         self._removals: set[asyncio.Future[None]] = set()  # directories of destroyed servers
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
-        self._network: asyncio.Future[Network | None] | None = None
-        self._client_pool: AddressPool | None = None
-        self._client_ip: str | None = None
-        if network and os.geteuid() == 0:
-            # Claimed now, so the client's address is known before the first boot.
-            self._client_pool = AddressPool("client", range(1, 64))
-            self._client_ip = self._client_pool.allocate()[0]
-        self._firewalls: dict[int, list[dict[str, Any]] | None] = {}
+        self.networking = Networking(network)  # a network namespace per sandboxed server
         self.cpu = CpuShares(HOST_NICENESS, tool("sh"))
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +164,7 @@ class HostManager:
             host.authorized = authorized_keys(spec.authorized_keys)
             await asyncio.to_thread(prepare_dirs, host.dirs)
             if await self._check_sandbox():
-                await self._connect(host)
+                await self.networking.connect(host)
             host.sandbox_task = asyncio.ensure_future(self._start_sandbox(host))
             try:
                 await host.sandbox_task
@@ -213,8 +203,8 @@ class HostManager:
             async with host.lock:
                 await self._stop(host)
                 self._hosts.pop(server_id, None)
-                await self._disconnect(host)
-        self._firewalls.pop(server_id, None)
+                await self.networking.disconnect(host)
+        self.networking.rules.pop(server_id, None)  # also for a server that never booted
         self.cpu.release(server_id)
         private = self.root_dir / ".private" / str(server_id)
         task = asyncio.ensure_future(asyncio.to_thread(rmtree, self.directory(server_id), private))
@@ -265,11 +255,7 @@ class HostManager:
             await self.destroy(server_id)
         await self.removed()
         self.cpu.close()
-        network = await self._network if self._network is not None else None
-        if network is not None:
-            await network.close()
-        if self._client_pool is not None:
-            self._client_pool.close()
+        await self.networking.close()
         dirs = [self.root_dir / ".private", self.root_dir / ".images", self.shims_dir]
         if self._own_cache:
             dirs.append(self.cache_dir)
@@ -292,13 +278,12 @@ class HostManager:
     async def set_firewall(self, server_id: int, rules: list[dict[str, Any]] | None) -> None:
         """The rules of the firewalls applied to a server (None: none applies); enforced
         from now on, and at every boot."""
-        self._firewalls[server_id] = rules  # before any await: a boot meanwhile sees it
+        self.networking.rules[server_id] = rules  # before any await: a boot meanwhile sees it
         host = self._hosts.get(server_id)
         if host is None:
             return
         async with host.lock:
-            if host.netns is not None:
-                await self._apply_firewall(host)
+            await self.networking.apply_firewall(host)
 
     # -- extras for tests and diagnostics -----------------------------------
 
@@ -306,13 +291,12 @@ class HostManager:
     def client_ip(self) -> str | None:
         """This machine's address on the simulated network (what servers and firewalls see
         connections from the client come from); None without network namespaces."""
-        failed = self._network is not None and self._network.done() and self._network.result() is None
-        return None if failed else self._client_ip
+        return self.networking.client_ip
 
     @property
     def networked(self) -> bool:
         """Whether servers have network namespaces of their own (after the first boot)."""
-        return self._network is not None and self._network.done() and self._network.result() is not None
+        return self.networking.started
 
     @property
     def sandboxed(self) -> bool | None:
@@ -372,61 +356,6 @@ class HostManager:
         return await start(host.spec.server_id, host.spec.name, host.dirs, popen_in, netns)
 
     # -- network ----------------------------------------------------------
-
-    async def _check_network(self) -> Network | None:
-        if self._network is None:
-            self._network = asyncio.ensure_future(self._start_network())
-        return await asyncio.shield(self._network)
-
-    async def _start_network(self) -> Network | None:
-        if self._client_ip is None:
-            return None
-        try:
-            network = Network(self._client_ip)
-            await network.start()
-        except Exception as exc:
-            log.warning("simulated servers SHARE this machine's network (no namespaces): %s", exc)
-            return None
-        return network
-
-    async def _connect(self, host: Host) -> None:
-        """Give the server its namespace (first boot), its addresses and its firewall."""
-        network = await self._check_network()
-        if network is None:
-            return
-        if host.netns is None:
-            netns = await Holder.start()
-            egress = Egress()
-            try:
-                await network.attach(host.spec.server_id, netns)
-                await egress.start(netns.pid)
-            except BaseException:
-                egress.close()
-                await netns.stop()
-                raise
-            host.netns, host.egress = netns, egress
-        await network.address(host.netns, host.spec.public_ip, host.spec.private_ips)
-        await self._apply_firewall(host)
-
-    async def _apply_firewall(self, host: Host) -> None:
-        assert host.netns is not None
-        rules = self._firewalls.get(host.spec.server_id)
-        if rules is None and host.firewall is None:
-            return  # nothing loaded, nothing to load
-        await firewall.apply(host.netns.pid, host.spec.public_ip, rules)
-        host.firewall = rules
-
-    async def _disconnect(self, host: Host) -> None:
-        if host.netns is None:
-            return
-        netns, host.netns = host.netns, None
-        if host.egress is not None:
-            host.egress.close()
-            host.egress = None
-        await netns.stop()
-        network = await self._check_network()
-        if network is not None:
-            await network.detach(host.spec.public_ip)
 
     async def _restart_sandbox(
         self, host: Host, old: asyncio.Task[Sandbox | None]

@@ -163,13 +163,19 @@ def test_plain_tcp_and_foreign_tls_refused(sim):
 
 
 def test_firewall_only_opens_ssh(sim):
-    with dask.config.set({"hetzner.allowed-cidrs": ["198.51.100.0/24"]}):
+    # The firewall is enforced (docs/simulator.md, "Firewalls are enforced"): this client's
+    # own address must be allowed too, as on Hetzner.
+    allowed = ["198.51.100.0/24"]
+    client_ip = getattr(sim.hosts, "client_ip", None)
+    if client_ip is not None:
+        allowed.append(f"{client_ip}/32")
+    with dask.config.set({"hetzner.allowed-cidrs": allowed}):
         with HetznerCluster(workers=0, name="fw1"):
             client = sdk(sim)
             (fw,) = client.firewalls.get_all(label_selector=f"{LABEL_CLUSTER}=fw1")
             inbound = {(r.protocol, r.port) for r in fw.rules if r.direction == "in"}
             assert inbound == {("tcp", "22"), ("icmp", None)}
-            assert all(r.source_ips == ["198.51.100.0/24"] for r in fw.rules)
+            assert all(r.source_ips == allowed for r in fw.rules)
             (server,) = servers_of(sim, "fw1")
             assert server.public_net.firewalls[0].firewall.id == fw.id
             assert server.private_net, "scheduler must be on the private network"

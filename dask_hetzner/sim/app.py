@@ -225,6 +225,8 @@ class Api:
             return _fault_reply(faults.error, rl)
         ctx = self._context(request, op, path_params, body, full)
         reply = self._run(route, ctx, faults.effects)
+        if method != "GET":
+            self.store.sync_firewalls()
         if faults.delay > 0:
             await asyncio.sleep(faults.delay)
         if faults.after_error is not None:

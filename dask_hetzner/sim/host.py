@@ -7,9 +7,12 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
+from .egress import Egress
+from .netns import Holder
 from .sandbox import Child, Dirs, Sandbox
 
 
@@ -23,6 +26,7 @@ class HostSpec:
     private_ips: list[str] = field(default_factory=list)  # loopback, reachable by other hosts
     authorized_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
     user_data: str | None = None  # cloud-config; ssh_keys.*_private pin the host key
+    snapshot: int | None = None  # the snapshot (image id) the server was created from
 
 
 class Host:
@@ -46,6 +50,9 @@ class Host:
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self.children: set[Child] = set()
         self.groups: set[int] = set()  # unsandboxed: process groups to kill
+        self.netns: Holder | None = None  # its network namespace, from first boot to destroy
+        self.egress: Egress | None = None  # its relays to the internet (egress.py)
+        self.firewall: list[dict[str, Any]] | None = None  # rules in force; None: no firewall
         self._update_paths()
 
     def _update_paths(self) -> None:
@@ -57,14 +64,19 @@ class Host:
             (str(self.shims), str(self.shims)),
             ("/tmp", str(tmp)),
             ("/var/tmp", str(var_tmp)),
+            ("/root", str(self.home)),  # root's home is the server's directory
         ]
         self.mounts = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
-        self.reverse_mounts = [(str(tmp), "/tmp"), (str(var_tmp), "/var/tmp")]
+        self.reverse_mounts = [
+            (str(tmp), "/tmp"), (str(var_tmp), "/var/tmp"), (str(self.home), "/root"),
+        ]  # fmt: skip
         self.writable = [os.path.realpath(p) for p in (self.home, tmp, var_tmp)]
 
     def host_path(self, path: str) -> str:
-        """Where a path the server's SFTP client names lives on this machine."""
-        path = posixpath.normpath(posixpath.join(str(self.home), path))
+        """Where a path the server's SFTP client names lives on this machine (relative
+        ones start at /root, the server's directory). /etc is the machine's: SFTP does not
+        see the server's /etc overlay."""
+        path = posixpath.normpath(posixpath.join("/root", path))
         if path.startswith("//"):
             path = "/" + path.lstrip("/")
         for inside, outside in self.mounts:

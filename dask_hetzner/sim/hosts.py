@@ -1,7 +1,8 @@
 """Simulated hosts: every running simulated server is a real SSH endpoint.
 
 A server that is ``running`` listens for SSH on ``(public_ip, ssh_port)`` (and
-on its private IPs, as a real server listens on all interfaces). It behaves
+on its private IPs, as a real server listens on all interfaces), in a network
+namespace of its own (``netns.py``; firewalls ``firewall.py``, internet ``egress.py``). It behaves
 like OpenSSH for ``root`` on Ubuntu 24.04:
 
 * public-key login for ``root`` with the create request's ``ssh_keys``; the
@@ -31,7 +32,8 @@ init kills every process of the server, daemons included: that is how power
 off works. Without root (no ``unshare``) commands run unsandboxed, with a
 logged warning.
 
-Inside a server: ``HOME`` = the server's directory, ``USER=root``, ``PATH`` =
+Inside a server: ``HOME`` = ``/root``, where the server's directory is mounted
+(its host path without a sandbox), its own ``/etc`` overlay, ``USER=root``, ``PATH`` =
 the shims (``shims/README.md``), the host Python's base ``bin`` (``python3``
 is the real interpreter), then the usual Ubuntu root PATH; ``XDG_CACHE_HOME``
 = the shared cache (uv's and pip's caches, the stand-in for a nearby package
@@ -76,6 +78,7 @@ from typing import Any
 
 from .cpu import CpuShares
 from .host import Host, HostSpec
+from .networking import Networking
 from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool
 from .sessions import Sessions
 from .sshd import authorized_keys, cloud_config_ssh_port, host_keys, listen
@@ -96,7 +99,12 @@ class HostManager:
     """The simulated hosts of one simulator (see the module docstring)."""
 
     def __init__(
-        self, root_dir: Path, *, ssh_port: int = 22, cache_dir: Path | None = None
+        self,
+        root_dir: Path,
+        *,
+        ssh_port: int = 22,
+        cache_dir: Path | None = None,
+        network: bool = True,
     ) -> None:
         self.root_dir = Path(root_dir).absolute()
         self.ssh_port = ssh_port
@@ -111,6 +119,7 @@ class HostManager:
         self._removals: set[asyncio.Future[None]] = set()  # directories of destroyed servers
         self._sandboxed: bool | None = None
         self._probe: asyncio.Future[bool] | None = None
+        self.networking = Networking(network)  # a network namespace per sandboxed server
         self.cpu = CpuShares(HOST_NICENESS, tool("sh"))
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,15 +149,22 @@ class HostManager:
         Booting a running server does nothing.
         """
         host = self._hosts.get(spec.server_id)
+        restore = None
         if host is None:
             host = self._hosts[spec.server_id] = self._new_host(spec)
+            if spec.snapshot is not None and not self.directory(spec.server_id).exists():
+                restore = self._image_dir(spec.snapshot)  # a new server from a snapshot
         async with host.lock:
+            if restore is not None:
+                await asyncio.to_thread(_restore, restore, host.home, host.private / "etc" / "upper")
             if host.running:
                 return
             host.spec = spec
             host.host_keys = host_keys(host)
             host.authorized = authorized_keys(spec.authorized_keys)
             await asyncio.to_thread(prepare_dirs, host.dirs)
+            if await self._check_sandbox():
+                await self.networking.connect(host)
             host.sandbox_task = asyncio.ensure_future(self._start_sandbox(host))
             try:
                 await host.sandbox_task
@@ -187,6 +203,8 @@ class HostManager:
             async with host.lock:
                 await self._stop(host)
                 self._hosts.pop(server_id, None)
+                await self.networking.disconnect(host)
+        self.networking.rules.pop(server_id, None)  # also for a server that never booted
         self.cpu.release(server_id)
         private = self.root_dir / ".private" / str(server_id)
         task = asyncio.ensure_future(asyncio.to_thread(rmtree, self.directory(server_id), private))
@@ -237,12 +255,48 @@ class HostManager:
             await self.destroy(server_id)
         await self.removed()
         self.cpu.close()
-        dirs = [self.root_dir / ".private", self.shims_dir]
+        await self.networking.close()
+        dirs = [self.root_dir / ".private", self.root_dir / ".images", self.shims_dir]
         if self._own_cache:
             dirs.append(self.cache_dir)
         await asyncio.to_thread(rmtree, *dirs)
 
+    async def snapshot(self, server_id: int, image_id: int) -> None:
+        """Copy the server's disk (its directory and its /etc changes) into an image."""
+        host = self._hosts.get(server_id)
+        if host is None:
+            return
+        target = self._image_dir(image_id)
+        await asyncio.to_thread(_copy_disk, host.home, host.private / "etc" / "upper", target)
+
+    async def forget_image(self, image_id: int) -> None:
+        await asyncio.to_thread(rmtree, self._image_dir(image_id))
+
+    def _image_dir(self, image_id: int) -> Path:
+        return self.root_dir / ".images" / str(image_id)
+
+    async def set_firewall(self, server_id: int, rules: list[dict[str, Any]] | None) -> None:
+        """The rules of the firewalls applied to a server (None: none applies); enforced
+        from now on, and at every boot."""
+        self.networking.rules[server_id] = rules  # before any await: a boot meanwhile sees it
+        host = self._hosts.get(server_id)
+        if host is None:
+            return
+        async with host.lock:
+            await self.networking.apply_firewall(host)
+
     # -- extras for tests and diagnostics -----------------------------------
+
+    @property
+    def client_ip(self) -> str | None:
+        """This machine's address on the simulated network (what servers and firewalls see
+        connections from the client come from); None without network namespaces."""
+        return self.networking.client_ip
+
+    @property
+    def networked(self) -> bool:
+        """Whether servers have network namespaces of their own (after the first boot)."""
+        return self.networking.started
 
     @property
     def sandboxed(self) -> bool | None:
@@ -298,7 +352,10 @@ class HostManager:
         if not await self._check_sandbox():
             return None
         popen_in = functools.partial(self.popen_in, host)
-        return await start(host.spec.server_id, host.spec.name, host.dirs, popen_in)
+        netns = host.netns.pid if host.netns is not None else None
+        return await start(host.spec.server_id, host.spec.name, host.dirs, popen_in, netns)
+
+    # -- network ----------------------------------------------------------
 
     async def _restart_sandbox(
         self, host: Host, old: asyncio.Task[Sandbox | None]
@@ -403,6 +460,23 @@ def _raise_fd_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+def _copy_disk(home: Path, etc: Path, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    if home.is_dir():
+        shutil.copytree(home, target / "home", symlinks=True)
+    if etc.is_dir():
+        shutil.copytree(etc, target / "etc", symlinks=True)
+
+
+def _restore(image: Path, home: Path, etc: Path) -> None:
+    """A new server's disk from a snapshot (an image deleted meanwhile: an empty disk)."""
+    if (image / "home").is_dir():
+        shutil.copytree(image / "home", home, symlinks=True, dirs_exist_ok=True)
+    if (image / "etc").is_dir():
+        shutil.copytree(image / "etc", etc, symlinks=True, dirs_exist_ok=True)
 
 
 def rmtree(*paths: Path) -> None:

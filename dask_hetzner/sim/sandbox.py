@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,15 +164,20 @@ class Dirs:
     shims: Path
 
 
-async def start(server_id: int, name: str, dirs: Dirs, popen_in: PopenIn) -> Sandbox:
-    """Run sandbox.sh for a server; returns once its init is ready."""
+async def start(
+    server_id: int, name: str, dirs: Dirs, popen_in: PopenIn, netns_pid: int | None = None
+) -> Sandbox:
+    """Run sandbox.sh for a server (in the network namespace ``netns_pid`` holds, if given);
+    returns once its init is ready."""
+    # nsenter execs unshare in the server's network namespace (netns.py).
+    join = [tool("nsenter"), f"--net=/proc/{netns_pid}/ns/net", "--"] if netns_pid else []
     argv = [
         # If the simulator dies, unshare dies, and takes the init with it.
-        tool("setpriv"), "--pdeathsig", "KILL", "--",
+        tool("setpriv"), "--pdeathsig", "KILL", "--", *join,
         tool("unshare"), "--mount", "--pid", "--uts", "--fork",
         "--propagation", "private", "--kill-child=KILL",
         tool("bash"), str(SANDBOX_SCRIPT), name,
-        str(dirs.home), str(dirs.private), str(dirs.cache), str(dirs.shims),
+        str(dirs.home), str(dirs.private), str(dirs.cache), str(dirs.shims), _under_root(),
     ]  # fmt: skip
     out_r, out_w = os.pipe()
     try:
@@ -204,10 +210,16 @@ async def start(server_id: int, name: str, dirs: Dirs, popen_in: PopenIn) -> San
     return Sandbox(child, init_pid)
 
 
-def enter_argv(sandbox: Sandbox, home: Path, inner: list[str]) -> list[str]:
+def _under_root() -> str:
+    """The host Python's prefix when it lives under /root, which a server's home hides."""
+    prefix = os.path.realpath(sys.base_prefix)
+    return prefix if prefix.startswith("/root/") else ""
+
+
+def enter_argv(sandbox: Sandbox, home: Path | str, inner: list[str]) -> list[str]:
     """``inner`` run inside the sandbox, without the dropped capabilities."""
     return [
-        tool("nsenter"), "-t", str(sandbox.init_pid), "-m", "-p", "-u",
+        tool("nsenter"), "-t", str(sandbox.init_pid), "-m", "-p", "-u", "-n",
         f"--wdns={home}", "--",
         tool("setpriv"), "--bounding-set", ",".join("-" + c for c in DROPPED_CAPS), "--",
         *inner,
@@ -236,6 +248,8 @@ def prepare_dirs(dirs: Dirs, *, fresh_tmp: bool = True) -> None:
     for name in ("tmp", "var-tmp"):
         (dirs.private / name).mkdir(parents=True, exist_ok=True)
         (dirs.private / name).chmod(0o1777)
+    for name in ("upper", "work"):  # the server's /etc overlay (sandbox.sh)
+        (dirs.private / "etc" / name).mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 async def read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:

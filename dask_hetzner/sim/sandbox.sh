@@ -2,14 +2,15 @@
 # The "init" of one simulated server (see hosts.py). Run as pid 1 of new mount,
 # pid and UTS namespaces:
 #   unshare --mount --pid --uts --fork --propagation private \
-#       bash sandbox.sh NAME HOME PRIVATE CACHE SHIMS
-# It leaves writable only HOME (the server's directory), /tmp and /var/tmp
-# (PRIVATE/tmp, PRIVATE/var-tmp), a fresh tmpfs /dev/shm and CACHE (the shared
-# package cache); every other mount becomes read-only. It prints
+#       bash sandbox.sh NAME HOME PRIVATE CACHE SHIMS [KEEP]
+# It leaves writable only HOME (the server's directory, also mounted on /root), /tmp
+# and /var/tmp (PRIVATE/tmp, PRIVATE/var-tmp), /etc (an overlay kept in PRIVATE/etc), a
+# fresh tmpfs /dev/shm and CACHE (the shared package cache); every other mount becomes
+# read-only. It prints
 # "ready <host pid>" and becomes a tiny reaping init: when the simulator kills
 # it, the kernel kills every process of the server.
 set -eu
-name=$1 home=$2 priv=$3 cache=$4 shims=$5
+name=$1 home=$2 priv=$3 cache=$4 shims=$5 keep=${6:-}
 
 # Our pid as the host sees it (for nsenter and kill), read before /proc is
 # replaced by one for the new pid namespace. `read` is a builtin, so
@@ -25,7 +26,7 @@ hostname "${name:0:64}" # the kernel's limit
 # Open the directories first: if they live under /tmp, the private /tmp below
 # hides their host paths. mount -c binds /proc/self/fd/N without resolving it
 # to a (hidden) path.
-exec 3<"$home" 4<"$cache" 5<"$priv/tmp" 6<"$priv/var-tmp" 7<"$shims"
+exec 3<"$home" 4<"$cache" 5<"$priv/tmp" 6<"$priv/var-tmp" 7<"$shims" 8<"$priv/etc"
 bindfd() {
     [ -d "$2" ] || mkdir -p "$2"
     mount -c --bind "/proc/self/fd/$1" "$2"
@@ -55,15 +56,34 @@ ln -s /proc/self/fd/2 "$dev/stderr"
 mount --move "$dev" /dev
 rmdir "$dev"
 
+# An /etc of its own, as on a real server: an overlay on the machine's whose changes stay
+# in PRIVATE/etc (the server's disk), with the server's hostname. Before the loop below:
+# the overlay keeps its own writable copy of PRIVATE's mount. /etc's own mount points (a
+# container's /etc/hostname) are hidden by it, so the loop leaves them alone.
+mount -t overlay simetc -o lowerdir=/etc,upperdir=/proc/self/fd/8/upper,workdir=/proc/self/fd/8/work /etc
+exec 8<&-
+printf '%s\n' "${name:0:64}" >/etc/hostname
+
 # Everything the host had mounted becomes read-only, in this namespace only
 # ("bind" makes remount change the mount, not the shared filesystem).
 for t in "${targets[@]}"; do
     printf -v t '%b' "$t"
     case $t in
-    /proc | /proc/* | /dev | /dev/* | /tmp | /tmp/* | /var/tmp | /var/tmp/*) ;;
+    /proc | /proc/* | /dev | /dev/* | /tmp | /tmp/* | /var/tmp | /var/tmp/* | /etc/*) ;;
     *) mount -o remount,bind,ro "$t" ;;
     esac
 done
+
+# A root's home: the server's directory is /root too. KEEP (a directory of this
+# machine under /root that servers need, the host Python) stays visible, read-only.
+[ -n "$keep" ] && exec 9<"$keep"
+mount --bind "$home" /root
+if [ -n "$keep" ]; then
+    mkdir -p "$keep"
+    mount -c --bind /proc/self/fd/9 "$keep"
+    mount -o remount,bind,ro "$keep"
+    exec 9<&-
+fi
 
 # /proc for the new pid namespace; its knobs that act on the whole machine
 # stay read-only (the rest of them need capabilities the server lacks).

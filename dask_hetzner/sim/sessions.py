@@ -26,6 +26,7 @@ from .sandbox import HOST_NICENESS, Child, PopenIn, Sandbox, enter_argv, read_pi
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
+ROOT_HOME = "/root"
 # With a pty, sshd closes the session when the shell exits, after sending
 # the output already written; this bounds the wait for that output.
 _PTY_DRAIN_TIMEOUT = 0.5
@@ -57,13 +58,19 @@ class Sessions:
                 process.exit(255)
 
     def _environment(
-        self, host: Host, process: asyncssh.SSHServerProcess[bytes]
+        self, host: Host, process: asyncssh.SSHServerProcess[bytes], home: str
     ) -> dict[str, str]:
         conn = process.channel.get_connection()
         peer = conn.get_extra_info("peername") or ("0.0.0.0", 0)
         sock = conn.get_extra_info("sockname") or ("0.0.0.0", 0)
+        # Ubuntu's sshd_config: AcceptEnv LANG LC_* (the client's locale, nothing else).
+        accepted = {
+            str(k): str(v)
+            for k, v in process.env.items()
+            if str(k) == "LANG" or str(k).startswith("LC_")
+        }
         env = {
-            "HOME": str(host.home),
+            "HOME": home,
             "USER": "root",
             "LOGNAME": "root",
             "SHELL": "/bin/bash",
@@ -79,7 +86,14 @@ class Sessions:
         }
         if process.term_type:
             env["TERM"] = process.term_type
+        env.update(accepted)
         return env
+
+    @staticmethod
+    def _home(host: Host, sandbox: Sandbox | None) -> str:
+        """HOME and the working directory: /root in a sandbox (sandbox.sh mounts the server's
+        directory there), the directory itself without one."""
+        return ROOT_HOME if sandbox is not None else str(host.home)
 
 
     def _spawn(
@@ -95,12 +109,14 @@ class Sessions:
         if sandbox is not None:
             if not sandbox.alive():
                 raise RuntimeError(f"server {host.spec.server_id}: sandbox is gone")
-            argv, cwd = enter_argv(sandbox, host.home, inner), "/"
+            argv, cwd = enter_argv(sandbox, ROOT_HOME, inner), "/"
         else:
             argv, cwd = inner, str(host.home)
         # Real servers are other machines: in the server's CPU group and niced, simulated ones
         # leave the client's process (and its event loop) the CPU it would have (cpu.py).
-        argv = [tool("nice"), "-n", str(HOST_NICENESS), *argv]
+        # sshd starts each session with default signal dispositions, whatever the
+        # simulator ignores (nohup, a test runner): env --default-signal resets them all.
+        argv = [tool("nice"), "-n", str(HOST_NICENESS), tool("env"), "--default-signal", *argv]
         # A session of its own, as sshd gives each (with a pty, setsid -c
         # does it): no signal for the simulator's terminal reaches it.
         popen = self.popen_in(host, argv, env=env, cwd=cwd, start_new_session=not pty, **kwargs)
@@ -116,7 +132,7 @@ class Sessions:
     ) -> None:
         command = process.command
         inner = [tool("bash"), "-c", command] if command is not None else [tool("bash")]
-        env = self._environment(host, process)
+        env = self._environment(host, process, self._home(host, sandbox))
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -160,7 +176,7 @@ class Sessions:
         inner = [tool("setsid"), "-w", "-c", bash] + (
             ["-c", command] if command is not None else ["-i"]
         )
-        env = self._environment(host, process)
+        env = self._environment(host, process, self._home(host, sandbox))
         master, slave = os.openpty()
         try:
             _set_winsize(master, *process.term_size)

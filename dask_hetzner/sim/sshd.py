@@ -3,6 +3,8 @@ sandbox's write rules, forwarding to loopback only, host keys pinned by cloud-co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -14,8 +16,11 @@ from typing import Any
 
 import asyncssh
 import yaml
+from asyncssh.forward import SSHForwarder
+from asyncssh.sftp import MIN_SFTP_VERSION, run_sftp_server
 
 from .host import Host
+from .netns import connected_socket, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +34,13 @@ SessionRunner = Callable[[Host, "asyncssh.SSHServerProcess[bytes]"], Any]
 class HostSSHServer(asyncssh.SSHServer):
     """sshd's policy for one host: root by public key, forwards to loopback only."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, session: SessionRunner) -> None:
         self._host = host
+        self._session = session
         self._conn: asyncssh.SSHServerConnection | None = None
+
+    def session_requested(self) -> HostProcess:
+        return HostProcess(self._host, self._session)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -57,12 +66,57 @@ class HostSSHServer(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
         # The simulated network is loopback; nothing may leave this machine.
-        if is_loopback(dest_host):
+        if not is_loopback(dest_host):
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        if self._host.netns is None:
             return True
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        # Dialled from inside the server, as sshd does: its own 127.0.0.1, its neighbours.
+        return self._forward(self._host.netns.pid, dest_host, dest_port)
+
+    async def _forward(self, pid: int, dest_host: str, dest_port: int) -> SSHForwarder:
+        host = "127.0.0.1" if dest_host == "localhost" else dest_host
+        try:
+            sock = await connected_socket(pid, host, dest_port)
+            loop = asyncio.get_running_loop()
+            _, peer = await loop.create_connection(SSHForwarder, sock=sock)
+        except OSError as exc:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        return SSHForwarder(peer)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False
+
+
+class HostProcess(asyncssh.SSHServerProcess[bytes]):
+    """A session: exec and shells go to the session runner (sessions.py); the sftp
+    subsystem ends like OpenSSH's, with exit status 0, even when the client sends EOF at
+    once (asyncssh's own sftp session then drops the whole connection)."""
+
+    def __init__(self, host: Host, session: SessionRunner) -> None:
+        super().__init__(
+            functools.partial(session, host),
+            functools.partial(HostSFTPServer, host=host),
+            MIN_SFTP_VERSION,
+            False,  # no scp protocol: OpenSSH 9's scp speaks SFTP
+        )
+        self._host = host
+
+    def session_started(self) -> None:
+        if self.channel.get_subsystem() != "sftp":
+            super().session_started()
+            return
+        reader: asyncssh.SSHReader[bytes] = asyncssh.SSHReader(self, self.channel)
+        writer: asyncssh.SSHWriter[bytes] = asyncssh.SSHWriter(self, self.channel)
+        self.channel.get_connection().create_task(self._sftp(reader, writer))
+
+    async def _sftp(self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
+        sftp = HostSFTPServer(self.channel, host=self._host)
+        try:
+            await run_sftp_server(sftp, reader, writer, MIN_SFTP_VERSION)
+        except (asyncio.IncompleteReadError, asyncssh.Error, OSError):
+            pass  # the client went: sftp-server exits 0 at EOF
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
 
 
 class HostSFTPServer(asyncssh.SFTPServer):
@@ -76,6 +130,13 @@ class HostSFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel, *, host: Host) -> None:
         super().__init__(chan)
         self._host = host
+
+    def exit(self) -> None:
+        # OpenSSH's sshd reports sftp-server's exit status (0) before closing the channel;
+        # OpenSSH 9's scp (SFTP underneath) and `ssh -s sftp` fail without it.
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
+        super().exit()
 
     def map_path(self, path: bytes) -> bytes:
         return os.fsencode(self._host.host_path(os.fsdecode(path)))
@@ -172,24 +233,29 @@ def host_keys(host: Host) -> list[asyncssh.SSHKey]:
 
 async def listen(host: Host, port: int, session: SessionRunner) -> None:
     """Listen on every address of the host (as a real server listens on all interfaces)."""
+    if host.netns is not None:
+        # One socket on 0.0.0.0 inside the server's network namespace, as sshd's.
+        sock = await listening_socket(host.netns.pid, port)
+        host.acceptors.append(await _serve(host, session, sock=sock))
+        return
     addresses = [host.spec.public_ip, *host.spec.private_ips]
     for address in dict.fromkeys(addresses):
-        acceptor = await asyncssh.create_server(
-            functools.partial(HostSSHServer, host),
-            address,
-            port,
-            server_host_keys=host.host_keys,
-            process_factory=functools.partial(session, host),
-            sftp_factory=functools.partial(HostSFTPServer, host=host),
-            encoding=None,
-            line_editor=False,
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            server_version=SERVER_VERSION,
-            reuse_address=True,
-        )
+        acceptor = await _serve(host, session, host=address, port=port, reuse_address=True)
         host.acceptors.append(acceptor)
+
+
+async def _serve(server: Host, session: SessionRunner, **where: Any) -> asyncssh.SSHAcceptor:
+    return await asyncssh.create_server(
+        functools.partial(HostSSHServer, server, session),
+        server_host_keys=server.host_keys,
+        encoding=None,
+        line_editor=False,
+        allow_scp=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        server_version=SERVER_VERSION,
+        **where,
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -262,12 +262,15 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
         assert result.stdout == "HELLO\n"
         result = await conn.run("kill -KILL $$")
         assert result.exit_signal is not None and result.exit_signal[0] == "KILL"
-        # The client's environment is not forwarded (OpenSSH's AcceptEnv is off).
-        result = await conn.run("env -0; pwd; hostname", env={"LEAK": "1"})
+        # The client's environment is not forwarded but for Ubuntu's AcceptEnv LANG LC_*.
+        result = await conn.run("env -0; pwd; hostname", env={"LEAK": "1", "LC_TIME": "C"})
     *pairs, rest = result.stdout.split("\0")
     env = dict(pair.split("=", 1) for pair in pairs)
+    # A root's HOME: /root, the server's own directory mounted there.
+    if cloud.manager.sandboxed:
+        home = "/root"
     assert rest.split() == [home, "node-1"]
-    assert "LEAK" not in env
+    assert "LEAK" not in env and env["LC_TIME"] == "C"
     assert env["HOME"] == home and env["USER"] == "root" and env["LANG"] == "C.UTF-8"
     assert env["HOSTNAME"] == "node-1" and env["UV_PYTHON_DOWNLOADS"] == "never"
     assert env["XDG_CACHE_HOME"] == str(cloud.manager.cache_dir)
@@ -278,7 +281,7 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
     # Only what sshd and bash set, nothing from the simulator's environment.
     allowed = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "HOSTNAME", "XDG_CACHE_HOME"}
     allowed |= {"UV_PYTHON_DOWNLOADS", "UV_NATIVE_TLS", "SSH_CLIENT", "SSH_CONNECTION"}
-    allowed |= {"PWD", "SHLVL", "_"}
+    allowed |= {"PWD", "SHLVL", "_", "LC_TIME"}
     assert set(env) <= allowed
 
 
@@ -330,7 +333,7 @@ async def test_sftp_put_keeps_0600_and_resolves_relative_paths(
     local = tmp_path / "secret.pem"
     local.write_text("key\n")
     async with cloud.connect(1) as conn, conn.start_sftp_client() as sftp:
-        assert await sftp.realpath(".") == str(home)
+        assert await sftp.realpath(".") == "/root"  # root's home: the server's directory
         await sftp.put(str(local), "secret.pem")
         await sftp.chmod("secret.pem", 0o600)
         await sftp.makedirs("tls/ca")
@@ -362,7 +365,7 @@ async def test_sftp_refuses_writes_outside_the_server(cloud: Cloud, outside: Pat
     (outside / "file").write_text("host\n")
     await cloud.run(1, f"ln -s {outside} escape")
     async with cloud.connect(1) as conn, conn.start_sftp_client() as sftp:
-        for path in (f"{outside}/new", "/root/dask-hetzner-sim-test", "escape/new"):
+        for path in (f"{outside}/new", "/usr/dask-hetzner-sim-test", "escape/new"):
             with pytest.raises(asyncssh.SFTPPermissionDenied):
                 async with sftp.open(path, "w") as f:
                     await f.write("x")
@@ -383,7 +386,7 @@ async def test_sftp_refuses_writes_outside_the_server(cloud: Cloud, outside: Pat
             assert await f.read() == "host\n"
     assert names(outside) == ["file"]
     assert (outside / "file").stat().st_mode & 0o777 == 0o644
-    assert not exists("/root/dask-hetzner-sim-test")
+    assert not exists("/usr/dask-hetzner-sim-test")
 
 
 # -- the sandbox --------------------------------------------------------------
@@ -397,8 +400,6 @@ async def test_commands_cannot_write_outside_the_server(cloud: Cloud, tmp_path: 
     marker = f"dask-hetzner-sim-{os.getpid()}-{random.randrange(10**9)}"
     attempts = {
         "touch /work/x": Path("/work/x"),
-        "echo > /etc/x": Path("/etc/x"),
-        f"mkdir -p /root/{marker}": Path("/root") / marker,
         f"touch /usr/local/{marker}": Path("/usr/local") / marker,
         # Under the host's /tmp: hidden behind the server's own /tmp.
         f"touch {outside}/x": outside / "x",
@@ -415,12 +416,13 @@ async def test_commands_cannot_write_outside_the_server(cloud: Cloud, tmp_path: 
         assert (await conn.run("mount -o remount,rw /")).exit_status != 0
         assert (await conn.run(f"umount {cloud.manager.directory(1)}")).exit_status != 0
         assert (await conn.run("echo 1 > /proc/sys/vm/drop_caches")).exit_status != 0
-        # Its own directory, /tmp, /var/tmp and /dev/shm are writable.
-        script = "touch ~/home.txt /tmp/t /var/tmp/v /dev/shm/s && ls /dev"
+        # Its own directory (/root), /tmp, /var/tmp, /dev/shm and its /etc are writable.
+        script = f"touch /root/home.txt /tmp/t /var/tmp/v /dev/shm/s /etc/{marker} && ls /dev"
         result = await conn.run(script)
     assert result.exit_status == 0, result.stderr
     assert "vda" not in result.stdout and "null" in result.stdout
     assert (cloud.manager.directory(1) / "home.txt").exists()
+    assert not (Path("/etc") / marker).exists()  # the server's /etc, not this machine's
 
 
 async def test_tmp_is_private_to_each_server(cloud: Cloud) -> None:
@@ -634,12 +636,16 @@ async def test_hosts_reach_each_other_on_private_ips(cloud: Cloud) -> None:
     )
     result = await cloud.run(2, f'python3 -c "{client}"')
     assert result.stdout == "hello from node-1\n", result.stderr
-    # Real servers listen for SSH on every interface, private ones included.
-    async with asyncssh.connect(
-        private, 22, username="root", client_keys=[cloud.client_key],
+    # Real servers listen for SSH on every interface, private ones included: reached from
+    # node-2 (through its sshd), never from the client (docs/simulator.md, "The network").
+    async with cloud.connect(2) as jump, asyncssh.connect(
+        private, 22, tunnel=jump, username="root", client_keys=[cloud.client_key],
         known_hosts=known_hosts(private, cloud.host_keys[1]),
     ) as conn:  # fmt: skip
         assert (await conn.run("hostname")).stdout == "node-1\n"
+    if cloud.manager.networked:
+        with pytest.raises(OSError):
+            await asyncio.wait_for(asyncio.open_connection(private, 22), 2)
 
 
 # -- shims -------------------------------------------------------------------
@@ -739,3 +745,45 @@ async def test_unsandboxed_fallback(
     # Best effort without namespaces: a command's process group dies.
     await cloud.manager.power_off(1)
     await eventually(lambda: not running(int(pid)), what="the unsandboxed sleep to die")
+
+
+# -- OpenSSH's own client ----------------------------------------------------
+
+
+async def test_openssh_scp_sftp_and_a_roots_session(cloud: Cloud, tmp_path: Path) -> None:
+    """OpenSSH 9's scp and sftp see exit status 0; /root, /etc and signals as sshd leaves them."""
+    import signal
+    import subprocess
+
+    if shutil.which("scp") is None:
+        pytest.skip("needs OpenSSH's client (Debian openssh-client)")
+    # A simulator started under nohup ignores SIGHUP: its sessions must not.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        spec = await cloud.boot(1)
+        cloud.require_sandbox()
+        key = tmp_path / "id"
+        key.write_bytes(cloud.client_key.export_private_key())
+        key.chmod(0o600)
+        options = ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                   "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
+        local = tmp_path / "f"
+        local.write_text("copied\n")
+
+        def openssh(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+        scp = await asyncio.to_thread(openssh, "scp", *options, str(local), f"root@{spec.public_ip}:/root/f")
+        assert scp.returncode == 0, scp.stderr
+        assert (cloud.manager.directory(1) / "f").read_text() == "copied\n"
+        sftp = await asyncio.to_thread(openssh, "ssh", *options, "-s", f"root@{spec.public_ip}", "sftp")
+        assert sftp.returncode == 0, sftp.stderr
+        check = "cat /etc/hostname; grep SigIgn /proc/self/status; echo $HOME"
+        out = await asyncio.to_thread(openssh, "ssh", *options, f"root@{spec.public_ip}", check)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    hostname, ignored, home = out.stdout.split("\n")[:3]
+    assert hostname == "node-1" and home == "/root"
+    mask = int(ignored.split()[1], 16)
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGINT):
+        assert not mask & (1 << (sig - 1)), f"{sig.name} is ignored in a fresh session"

@@ -184,11 +184,15 @@ def test_power_cycle_snapshot_and_updates(tsim):
     c.networks.add_subnet(
         net, NetworkSubnet(ip_range="10.1.0.0/24", network_zone="eu-central", type="cloud")
     ).wait_until_finished()
-    server.attach_to_network(net).wait_until_finished()
+    server.attach_to_network(net, ip="10.1.0.7").wait_until_finished()
     assert c.servers.get_by_id(server.id).private_net[0].network.id == net.id
     with pytest.raises(APIException) as exc:
         server.attach_to_network(net)
     assert exc.value.code == "server_already_attached"
+    # An explicit private IP is one server's in its network (docs/simulator.md, "Private IPs").
+    with pytest.raises(APIException) as exc:
+        c.servers.get_by_id(r2.server.id).attach_to_network(net, ip="10.1.0.7")
+    assert exc.value.code == "ip_not_available"
     server.detach_from_network(net).wait_until_finished()
     assert c.servers.get_by_id(server.id).private_net == []
     pg = c.placement_groups.create(name="pg", type="spread").placement_group

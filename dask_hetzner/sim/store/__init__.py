@@ -81,6 +81,7 @@ class Store:
         self.firewall_store = FirewallStore(self.core, self.servers)
         self.group_store = PlacementGroupStore(self.core)
         self.image_store = ImageStore(self.core)
+        self.image_store.hosts = hosts
         self.server_store = ServerStore(
             self.core,
             table=self.servers,
@@ -103,6 +104,7 @@ class Store:
         self.actions: dict[int, Action] = self.core.actions
         self.timings: dict[int, ServerTimings] = self.server_store.timings
         self.host_errors: list[str] = self.core.host_errors
+        self._firewalls_pushed: dict[int, list[dict[str, Any]] | None] = {}
 
     @property
     def effects(self) -> Effects | None:
@@ -125,6 +127,21 @@ class Store:
         await self.core.cancel_tasks()
         self.public_pool.close()
         self.private_pool.close()
+
+    def sync_firewalls(self) -> None:
+        """Hand each server's firewall rules to its host when they changed (after a change
+        request): the hosts enforce them (``hosts.set_firewall``, sim/firewall.py)."""
+        set_firewall = getattr(self.hosts, "set_firewall", None)
+        if set_firewall is None:
+            return
+        for server in self.servers.values():
+            applied = self.firewall_store.of(server)
+            rules = [dict(r) for fw in applied for r in fw.rules] if applied else None
+            if server.id not in self._firewalls_pushed or self._firewalls_pushed[server.id] != rules:
+                self._firewalls_pushed[server.id] = rules
+                self.spawn(set_firewall(server.id, rules))
+        for gone in set(self._firewalls_pushed) - set(self.servers):
+            del self._firewalls_pushed[gone]
 
     # -- servers -------------------------------------------------------------
     def create_server(self, body: dict[str, Any]) -> Created:

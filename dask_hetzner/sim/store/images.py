@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,12 +12,15 @@ from .actions import Action, Core
 from .base import ApiError, id_or_name, invalid_input, iso, labels_field_errors, not_found
 from .server_model import Server
 
+log = logging.getLogger(__name__)
+
 
 class ImageStore:
     def __init__(self, core: Core) -> None:
         self.core = core
         self.system: dict[int, Image] = {img.id: img for img in catalog.system_images()}
         self.snapshots: dict[int, Image] = {}
+        self.hosts: Any = None  # copies a server's disk into a snapshot (HostManager.snapshot)
 
     def get(self, image_id: int) -> Image:
         img = self.system.get(image_id) or self.snapshots.get(image_id)
@@ -47,6 +51,9 @@ class ImageStore:
         if img.type == "system":
             raise ApiError(403, "forbidden", "system images cannot be deleted")
         del self.snapshots[img.id]
+        forget = getattr(self.hosts, "forget_image", None)
+        if forget is not None:
+            self.core.spawn(forget(img.id))
 
     def resolve(self, value: Any, arch: str) -> Image:
         """The image a create request names (id or name), for the server type's architecture."""
@@ -92,7 +99,15 @@ class ImageStore:
         return img, action
 
     async def _finish(self, server: Server, img: Image, action: Action) -> None:
-        ok = await self.core.run_action(action)
+        snapshot = getattr(self.hosts, "snapshot", None)
+        copied = True
+        if snapshot is not None and server.host_exists:
+            try:  # the disk is in the image before its action ends
+                await snapshot(server.id, img.id)
+            except Exception:
+                log.exception("snapshot %s of server %s: copying its disk failed", img.id, server.id)
+                copied = False
+        ok = await self.core.run_action(action) and copied
         if server.busy is action:
             server.busy = None
         if img.id in self.snapshots:

@@ -118,6 +118,7 @@ class Lifecycle:
             private_ips=[nic.ip for nic in server.private.values()],
             authorized_keys=[] if crashed else list(server.authorized_keys),
             user_data=None if crashed else server.user_data,
+            snapshot=server.image.id if server.image.type != "system" else None,
         )
         server.host_exists = True
         try:

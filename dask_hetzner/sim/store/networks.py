@@ -194,11 +194,27 @@ class NetworkStore:
                 raise invalid_input([("ip", "invalid ip")]) from None
             if wanted not in net.ip_range:
                 raise ApiError(422, "ip_not_available", "the requested IP is not within the network")
+            ip = str(wanted)
+            if self._taken(net, ip):
+                raise ApiError(422, "ip_not_available", "the requested IP is already in use in the network")
         addr, _ = self.pool.allocate()
         self._mac += 1
         mac = "86:00:00:" + ":".join(f"{b:02x}" for b in self._mac.to_bytes(3, "big"))
-        server.private[net.id] = PrivateNic(ip=addr, mac=mac, alias_ips=[str(a) for a in alias_ips])
+        server.private[net.id] = PrivateNic(
+            ip=addr, mac=mac, alias_ips=[str(a) for a in alias_ips], requested_ip=ip
+        )
         net.servers.add(server.id)
+
+    def _taken(self, net: Network, ip: str) -> bool:
+        """Whether a server of the network holds that explicit address (docs/simulator.md,
+        "Private IPs": the address handed out is a loopback one, the requested one is
+        still unique in its network, as on Hetzner)."""
+        for sid in net.servers:
+            server = self.servers.get(sid)
+            nic = server.private.get(net.id) if server is not None else None
+            if nic is not None and nic.requested_ip == ip:
+                return True
+        return False
 
     async def run_attach(self, server: Server, action: Action) -> None:
         """Run a create's next action; an attach_to_network shows its NIC once it succeeds."""

@@ -21,6 +21,7 @@ class PrivateNic:
     # Hetzner lists a server's private_net only once its attach_to_network action has
     # finished: a create response has none (hcloud-go#168, "refetch the server").
     attached: bool = False
+    requested_ip: str | None = None  # an explicit ``ip`` (store/networks.py maps it)
 
 
 @dataclass(eq=False)

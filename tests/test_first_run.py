@@ -216,4 +216,4 @@ def test_a_python_the_image_lacks_is_downloaded_by_uv(fsim: Any) -> None:
         managed = list((home / ".local" / "share" / "uv" / "python").glob("cpython-*"))
         assert managed, "uv did not download a Python"
         cfg = (home / ".dask-hetzner" / "env" / "pyvenv.cfg").read_text()
-        assert str(home / ".local" / "share" / "uv" / "python") in cfg, cfg
+        assert "/root/.local/share/uv/python/cpython-" in cfg, cfg  # HOME is /root on a server

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -39,6 +40,8 @@ from .timing import Timing
 __all__ = ["Simulator", "SpecViolation", "FaultRule", "parse_fault"]
 
 log = logging.getLogger(__name__)
+_IP_FREEBIND = 15  # linux/in.h: bind an address its interface does not hold yet
+
 T = TypeVar("T")
 
 
@@ -116,6 +119,7 @@ class Simulator:
         self.store: Store | None = None
         self.api: Api | None = None
         self._runner: web.AppRunner | None = None
+        self._servers_side: str | None = None  # where servers reach this simulator's HTTP
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = False
@@ -165,9 +169,23 @@ class Simulator:
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        await self._serve_servers()
         self._started = True
         log.info("Hetzner simulator listening on %s", self.endpoint)
         return self
+
+    async def _serve_servers(self) -> None:
+        """Also answer at the client's address on the servers' network: a server in its own
+        network namespace cannot reach this machine's 127.0.0.1 (the Python mirror is there)."""
+        client_ip = getattr(self.hosts, "client_ip", None)
+        if not client_ip or self._runner is None:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The address is put on its link at the first boot: bind before it exists.
+        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((client_ip, 0))
+        await web.SockSite(self._runner, sock).start()
+        self._servers_side = f"http://{client_ip}:{sock.getsockname()[1]}"
 
     async def close(self) -> None:
         """Stop answering, delete every server and its host, free the addresses."""
@@ -257,7 +275,8 @@ class Simulator:
     @property
     def python_downloads_url(self) -> str:
         """uv's list of Python downloads as this simulator serves it (sim/pythons.py)."""
-        return self.endpoint.removesuffix("/v1") + "/python/downloads.json"
+        base = self._servers_side or self.endpoint.removesuffix("/v1")
+        return base + "/python/downloads.json"
 
     def dask_config(self) -> dict[str, Any]:
         """``hetzner.*`` settings pointing dask-hetzner at this simulator."""

@@ -38,13 +38,14 @@ def ls(as_json: bool, token: str | None, endpoint: str | None) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "scheduler", "workers", "status", "age", "EUR/h", "local state"):
+    for column in ("name", "scheduler", "workers", "types", "status", "age", "EUR/h", "local state"):
         table.add_column(column, justify="right" if column in ("workers", "EUR/h", "age") else "left")
     for c in clusters:
         table.add_row(
             c.name,
             str(c.schedulers),
             str(c.workers),
+            c.types,
             c.status,
             _age_text(c.age_seconds),
             f"{c.hourly_cost:.4f}",
@@ -270,8 +271,9 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
 
     where = f" in {location}" if location else " (cheapest location)"
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "vCPU", "memory GB", "disk GB", "arch", "cpu", "available", f"EUR/h{where}", "EUR/month"):
-        table.add_column(column, justify="left" if column in ("name", "arch", "cpu", "available") else "right")
+    text_columns = ("name", "arch", "cpu", "available", "recommended")
+    for column in (*text_columns[:1], "vCPU", "memory GB", "disk GB", *text_columns[1:], f"EUR/h{where}", "EUR/month"):
+        table.add_column(column, justify="left" if column in text_columns else "right")
     for r in rows:
         table.add_row(
             r["name"],
@@ -281,6 +283,7 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
             r["architecture"],
             r["cpu_type"],
             ("yes" if r["available"] else "no") if location else (", ".join(r["available"]) or "nowhere"),
+            ("yes" if r["recommended"] else "no") if location else (", ".join(r["recommended"]) or "nowhere"),
             "-" if r["hourly"] is None else f"{r['hourly']:.4f}",
             "-" if r["monthly"] is None else f"{r['monthly']:.2f}",
         )
@@ -300,11 +303,13 @@ async def _types(location: str | None, token: str | None, endpoint: str | None) 
         if location:
             hourly, monthly = t.hourly.get(location), t.monthly.get(location)
             available: Any = location in t.available
+            recommended: Any = location in t.recommended
         else:
             cheapest = min(t.hourly, key=lambda loc: t.hourly[loc], default=None)
             hourly = t.hourly.get(cheapest) if cheapest else None
             monthly = t.monthly.get(cheapest) if cheapest else None
             available = sorted(t.available)
+            recommended = sorted(t.recommended)
         rows.append(
             {
                 "name": t.name,
@@ -315,6 +320,7 @@ async def _types(location: str | None, token: str | None, endpoint: str | None) 
                 "cpu_type": t.cpu_type,
                 "deprecated": t.deprecated,
                 "available": available,
+                "recommended": recommended,
                 "hourly": hourly,
                 "monthly": monthly,
             }

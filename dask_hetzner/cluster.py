@@ -50,7 +50,11 @@ class HetznerCluster(ClusterLifecycle):
         Number of workers to start with.
     name:
         Cluster name; every resource is labelled with it (``dask-hetzner/cluster``).
-    scheduler_server_type, worker_server_type, location, image:
+    scheduler_server_type, worker_server_type:
+        A server type, or a preference list of them (``["cx33", "cpx32"]``, one architecture),
+        tried in order in the location, then in each fallback location, when one is sold out;
+        a worker's threads and memory limit follow the type it got.
+    location, image:
         Checked against the API's catalog before anything is created.
     fallback_locations:
         Locations of the same network zone to try when a type is sold out.
@@ -82,8 +86,8 @@ class HetznerCluster(ClusterLifecycle):
         *,
         n_workers: int | None = None,
         name: str | None = None,
-        scheduler_server_type: str | None = None,
-        worker_server_type: str | None = None,
+        scheduler_server_type: str | list[str] | None = None,
+        worker_server_type: str | list[str] | None = None,
         location: str | None = None,
         fallback_locations: list[str] | None = None,
         image: str | None = None,
@@ -281,8 +285,10 @@ class HetznerCluster(ClusterLifecycle):
 
     def _worker_options(self) -> dict[str, Any]:
         """A new worker's options as it will start: the server type's defaults, then the user's."""
-        types, wanted = self._server_types, self.settings.worker_server_type
-        if types is None or wanted not in types:
+        types = self._server_types
+        # The first type of the list: what a new worker gets unless it is sold out.
+        wanted = next((t for t in self.settings.worker_server_type if t in (types or {})), None)
+        if types is None or wanted is None:
             raise ValueError("scaling by cores= or memory= needs the server types: start the cluster first")
         return {**worker_defaults(types[wanted]), **user_options(self.new_spec["options"])}
 
@@ -337,7 +343,7 @@ class HetznerCluster(ClusterLifecycle):
     def __repr__(self) -> str:
         return display.text(
             self.name, len(self.workers), self.settings.location, self.hourly_cost,
-            self.max_hourly_cost, self.status.name,
+            self.max_hourly_cost, self.status.name, display.type_mix(self._ctx.servers.values()),
         )  # fmt: skip
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:

@@ -1,7 +1,7 @@
 """What a cluster costs per hour, by the API's prices, and the ``max_hourly_cost`` policy.
 
-Prices are gross EUR per hour. A server may land in the location or a fallback: a planned
-server is priced at the dearest of them.
+Prices are gross EUR per hour. A server may get any type of its role's preference list, in
+the location or a fallback: a planned server is priced at the dearest of those pairs.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from .cloud import ConfigError, ServerInfo, ServerTypeInfo
+from .cloud import ConfigError, ServerInfo, ServerTypeInfo, preferences
 from .settings import ClusterSettings
 
 Types = Mapping[str, ServerTypeInfo]
@@ -30,8 +30,8 @@ def role_prices(s: ClusterSettings, types: Types | None) -> tuple[float, float] 
     if types is None:
         return None
     return (
-        price(types, s.scheduler_server_type, s.locations),
-        price(types, s.worker_server_type, s.locations),
+        preferences.dearest(types, s.scheduler_server_type, s.locations),
+        preferences.dearest(types, s.worker_server_type, s.locations),
     )
 
 
@@ -63,8 +63,8 @@ def check(s: ClusterSettings, types: Types | None, n: int, what: str) -> None:
     fit = max_workers(s, types)
     raise CostLimitError(
         f"{what} with {n} workers would cost {cost:.4f} EUR/h gross (scheduler "
-        f"{s.scheduler_server_type} {prices[0]:.4f} + {n} x {s.worker_server_type} "
-        f"{prices[1]:.4f} EUR/h in {', '.join([s.location, *s.fallback_locations])}), above "
+        f"{'/'.join(s.scheduler_server_type)} {prices[0]:.4f} + {n} x {'/'.join(s.worker_server_type)} "
+        f"{prices[1]:.4f} EUR/h at most in {', '.join([s.location, *s.fallback_locations])}), above "
         f"max_hourly_cost {limit:.4f} EUR/h"
         + (f"; at most {fit} workers fit" if prices[0] <= limit else "; not even the scheduler fits")
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from . import cost
@@ -12,12 +13,21 @@ from .settings import ClusterSettings
 COLUMNS = ["name", "role", "type", "location", "status", "ip", "private ip", "EUR/h"]
 
 
-def text(name: str, workers: int, location: str, hourly: float, limit: float | None, status: str) -> str:
+def text(
+    name: str, workers: int, location: str, hourly: float, limit: float | None, status: str, mix: str = ""
+) -> str:
     maximum = f" (max {limit:.4f})" if limit is not None else ""
+    kinds = f" ({mix})" if mix else ""
     return (
-        f"HetznerCluster({name!r}, workers={workers}, location={location!r}, "
+        f"HetznerCluster({name!r}, workers={workers}{kinds}, location={location!r}, "
         f"{hourly:.4f} EUR/h{maximum}, status={status})"
     )
+
+
+def type_mix(servers: Iterable[ServerInfo], role: str = "worker") -> str:
+    """``"2 cx33, 1 cpx32"``: how many servers of ``role`` got each type, most first."""
+    counts = Counter(s.server_type for s in servers if s.role == role)
+    return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
 
 
 def server_rows(
@@ -65,7 +75,7 @@ def html_section(
     cost_text = f"{hourly:.4f} EUR/h"
     if s.max_hourly_cost is not None:
         cost_text += f" (max {s.max_hourly_cost:.4f} EUR/h)"
-    used = sorted({r["type"] for r in rows} | {s.scheduler_server_type, s.worker_server_type})
+    used = sorted({r["type"] for r in rows} | {s.scheduler_server_type[0], s.worker_server_type[0]})
     head = "".join(f'<th style="text-align: left;">{e(c)}</th>' for c in COLUMNS)
     body = "".join(
         "<tr>" + "".join(f'<td style="text-align: left;">{e(r[c])}</td>' for c in COLUMNS) + "</tr>"
@@ -78,6 +88,9 @@ def html_section(
         f" &middot; <strong>Idle timeout:</strong> {e(idle_text)}</td></tr>"
         f'<tr><td colspan="2" style="text-align: left;"><strong>Server types:</strong> '
         f"{_kinds(used, types or {}, s.location)}</td></tr>"
+        f'<tr><td colspan="2" style="text-align: left;"><strong>Preference:</strong> '
+        f"scheduler {e(' > '.join(s.scheduler_server_type))}; workers {e(' > '.join(s.worker_server_type))}"
+        f" in {e(', '.join(s.locations))}</td></tr>"
         f'<tr><td colspan="2"><table class="dask-hetzner-servers" style="width: 100%;">'
         f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></td></tr>"
     )

@@ -22,7 +22,7 @@ from distributed.utils import Log, Logs
 
 from . import __version__, cost, manage, reattach
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo, preferences
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.tasks import Provisioner
@@ -74,8 +74,12 @@ class ClusterLifecycle(SpecCluster):
         """Every user choice checked against the API before anything is created."""
         s, cloud = self.settings, self._ctx.cloud
         await cloud.check_token()
-        await cloud.check_choices([s.scheduler_server_type, s.worker_server_type], s.location, s.image)
+        await cloud.check_choices([], s.location, s.image)  # the location; types per list below
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
+        catalog = await cloud.server_types()
+        for role in ("scheduler", "worker"):
+            arch = preferences.check_list(catalog, s.server_types(role), s.locations, f"{role}_server_type")
+            await cloud.image_id(s.image, arch)  # the image exists for that architecture
         check_size(len(self.worker_spec), "starting the cluster")
         cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
         adaptive, cap = getattr(self, "_adaptive", None), self.max_workers

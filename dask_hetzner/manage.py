@@ -15,6 +15,7 @@ import datetime
 import os
 import re
 import shlex
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -131,7 +132,17 @@ class ClusterInfo:
     other_resources: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "types": self.types}
+
+    @property
+    def types(self) -> str:
+        """The server types it got: ``"cx23; workers: 2 cx33, 1 cpx32"`` (the scheduler's first)."""
+        def mix(role: str) -> str:
+            counts = Counter(s["type"] for s in self.servers if s["role"] == role)
+            return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+        scheduler, workers = mix("scheduler"), mix("worker")
+        return "; ".join(x for x in (scheduler and f"scheduler: {scheduler}", workers and f"workers: {workers}") if x)
 
 
 def _status(found: ClusterResources) -> str:

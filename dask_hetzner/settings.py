@@ -60,8 +60,9 @@ class ClusterSettings:
     location: str
     fallback_locations: tuple[str, ...]
     image: str
-    scheduler_server_type: str
-    worker_server_type: str
+    # Preference lists: tried in order in each location (the location first, then fallbacks).
+    scheduler_server_type: tuple[str, ...]
+    worker_server_type: tuple[str, ...]
     packages: tuple[str, ...]
     connect: str
     allowed_cidrs: tuple[str, ...]
@@ -96,8 +97,8 @@ class ClusterSettings:
             location=_pick("location", a("location") or None),
             fallback_locations=tuple(_pick("fallback-locations", a("fallback_locations")) or ()),
             image=_pick("image", a("image") or None),
-            scheduler_server_type=_pick("scheduler-server-type", a("scheduler_server_type") or None),
-            worker_server_type=_pick("worker-server-type", a("worker_server_type") or None),
+            scheduler_server_type=_type_list(a("scheduler_server_type"), "scheduler_server_type"),
+            worker_server_type=_type_list(a("worker_server_type"), "worker_server_type"),
             packages=tuple(_pick("packages", a("packages")) or ()),
             connect=connect,
             allowed_cidrs=tuple(_pick("allowed-cidrs", a("allowed_cidrs") or None)),
@@ -136,7 +137,8 @@ class ClusterSettings:
         """The bound on a node's whole start: the sum of its phases' timeouts."""
         return sum(self.timeouts[k] for k in config.START_TIMEOUTS)
 
-    def server_type(self, role: str) -> str:
+    def server_types(self, role: str) -> tuple[str, ...]:
+        """The preference list of ``role``'s server types."""
         return self.scheduler_server_type if role == "scheduler" else self.worker_server_type
 
     def replace(self, **changes: Any) -> ClusterSettings:
@@ -181,6 +183,23 @@ def check_same_zone(locations: Mapping[str, Any], location: str, fallbacks: Iter
 
 def _pick(key: str, value: Any) -> Any:
     return dask.config.get(f"hetzner.{key}", override_with=value)
+
+
+def _type_list(value: Any, what: str) -> tuple[str, ...]:
+    """A server type or a preference list of them: ``"cx33"``, ``"cx33,cpx32"`` or a list."""
+    if value is None or value == "":  # not given: the configured one, as ever
+        value = _pick(what.replace("_", "-"), None)
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{what} must be a server type name or a list of them, got {value!r}")
+    names = tuple(x.strip() for x in value)
+    if not names or not all(names):
+        raise ConfigError(f"{what} must name at least one server type, got {value!r}")
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ConfigError(f"{what} lists {', '.join(twice)} more than once")
+    return names
 
 
 def _positive(value: Any, what: str) -> float | None:

@@ -297,6 +297,11 @@ def test_types(sim, tmp_path):
     assert any(r["architecture"] == "arm" for r in rows.values())
     table = run(env, "types")
     assert table.returncode == 0 and "cx23" in table.stdout and "fsn1" in table.stdout
+    assert "recommended" in table.stdout
+    # Per location, as the catalog says: cpx32 is sold out in sin (docs/simulator.md).
+    sin = {r["name"]: r for r in json.loads(run(env, "types", "--location", "sin", "--json").stdout)}
+    assert (sin["cpx32"]["available"], sin["cpx32"]["recommended"]) == (False, False)
+    assert (sin["cpx22"]["available"], sin["cpx22"]["recommended"]) == (True, True)
 
 
 def test_sim_verb():

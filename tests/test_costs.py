@@ -16,6 +16,13 @@ from dask_hetzner.cost import CostLimitError
 from dask_hetzner.cost import price as _price
 
 
+@pytest.fixture(autouse=True)
+def one_type(sim):
+    """One type per role: the default lists are priced at their dearest type (tested apart)."""
+    with dask.config.set({"hetzner.scheduler-server-type": "cx23", "hetzner.worker-server-type": "cx23"}):
+        yield
+
+
 def hourly(sim, server_type: str, location: str = "fsn1") -> float:
     """Gross EUR/h as the API says (never hard-coded: Hetzner changes prices)."""
     t = sdk(sim).server_types.get_by_name(server_type)
@@ -119,7 +126,7 @@ async def test_html_repr_works_before_start_and_escapes(sim):
         assert "0.0000 EUR/h" in page and "dask-hetzner-servers" in page
         assert "Idle timeout:</strong> off" in page
         # Whatever a server is called, it lands in the page as text, not markup.
-        cluster.context.settings = cluster.settings.replace(worker_server_type="<script>x</script>")
+        cluster.context.settings = cluster.settings.replace(worker_server_type=("<script>x</script>",))
         assert "<script>" not in cluster._repr_html_()
     finally:
         await cluster.close()

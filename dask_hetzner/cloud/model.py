@@ -46,6 +46,8 @@ class ServerTypeInfo:
     monthly: dict[str, float] = field(default_factory=dict)
     # locations where it can be ordered now
     available: set[str] = field(default_factory=set)
+    # locations where Hetzner recommends it now (``server_types[].locations[].recommended``)
+    recommended: set[str] = field(default_factory=set)
 
     def price(self, locations: Sequence[str]) -> float:
         """Gross EUR/h of one server that may land in any of ``locations`` (fallbacks too):

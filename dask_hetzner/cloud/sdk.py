@@ -92,6 +92,8 @@ def _server_type_info(t: Any) -> ServerTypeInfo:
     for entry in t.locations or []:
         if entry.available and not entry.deprecation:
             info.available.add(entry.location.name)
+        if entry.recommended and not entry.deprecation:
+            info.recommended.add(entry.location.name)
     return info
 
 

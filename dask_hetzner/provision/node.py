@@ -68,7 +68,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         # Deletes its server itself on failure (and retries a create action that failed).
         reached = await ctx.factory.create_reachable(
             name=server_name(ctx.settings.name, name, role),
-            server_type=ctx.settings.server_type(role),
+            server_types=ctx.settings.server_types(role),
             user_data=cloud_config(host_key),
             labels=labels,
             host_key=host_key.public_openssh,
@@ -152,7 +152,8 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     assert ip, f"server {p.server.name} has no private network address"
     await launch.write_tls(ctx.ca, p.conn, f"dask-worker-{name}", [ip])
     preload = await early_start.install(p.conn)
-    server_type = (await ctx.cloud.server_types())[ctx.settings.worker_server_type]
+    # Threads and memory follow the type this server got (a preference list may mix sizes).
+    server_type = (await ctx.cloud.server_types())[p.server.server_type]
     options = {**launch.worker_defaults(server_type), **options}
     ctx.report(name, "waiting for the scheduler")
     scheduler = await ctx.scheduler.wait(f"worker {name}")

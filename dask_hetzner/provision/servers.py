@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..cloud import (
     ServerInfo,
     ServerWatcher,
 )
+from ..cloud.preferences import Skipped, candidates
 from ..settings import ClusterSettings
 from .pins import HostKeyPins
 from .shared import SharedResources
@@ -121,21 +122,17 @@ class ServerFactory:
         """The API's latest view of one of this cluster's servers."""
         self.servers[server.name] = server
 
-    def _locations(self, server_type: str) -> list[str]:
-        # A type sold out in a location stays so for a while: later servers go elsewhere first.
-        preferred = self.settings.locations
-        first = [x for x in preferred if (server_type, x) not in self._sold_out]
-        return first + [x for x in preferred if x not in first]
-
     async def create(
-        self, *, name: str, server_type: str, user_data: str, labels: dict[str, str]
+        self, *, name: str, server_types: Sequence[str], user_data: str, labels: dict[str, str]
     ) -> ServerInfo:
-        """POST one server: in the location, else a same-zone fallback; a new placement group
-        when one is full."""
+        """POST one server: the first type of the list that can be had, in the location, else
+        a same-zone fallback (``preferences.candidates``); a new placement group when one is full."""
         assert self.shared.ready, "the shared resources are not created yet"
-        locations = self._locations(server_type)
+        catalog = await self.cloud.server_types()
+        pairs, skipped = candidates(catalog, server_types, self.settings.locations, self._sold_out)
+        refused: list[str] = []
         last: CloudError | None = None
-        for location in locations:
+        for server_type, location in pairs:
             for _ in range(3):
                 group = await self.shared.group_for(name)
                 try:
@@ -148,7 +145,9 @@ class ServerFactory:
                         self.shared.mark_full(group)
                         continue
                     if e.code == "resource_unavailable":
+                        # Sold out here for a while: later servers try this pair last.
                         self._sold_out.add((server_type, location))
+                        refused.append(f"server type {server_type} is unavailable in {location}")
                         break
                     raise
                 except BaseException:
@@ -157,8 +156,7 @@ class ServerFactory:
                 self._sold_out.discard((server_type, location))
                 self.record(server)
                 return server
-        assert last is not None
-        raise self._nothing_fits(name, server_type, locations, last)
+        raise self._nothing_fits(name, refused, skipped, last)
 
     async def _post(
         self, name: str, server_type: str, location: str, group: int, user_data: str, labels: dict[str, str]
@@ -180,21 +178,25 @@ class ServerFactory:
             )
         )
 
-    def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
-        if last.code != "resource_unavailable":
+    def _nothing_fits(
+        self, name: str, refused: list[str], skipped: list[Skipped], last: CloudError | None
+    ) -> CloudError:
+        """One message naming every type × location tried (412) or skipped (catalog)."""
+        if last is not None and last.code != "resource_unavailable":
             return last
         hint = "" if self.settings.fallback_locations else " (set fallback_locations to try others)"
+        tried = "; ".join(refused + [f"skipped {x}" for x in skipped])
         return CloudError(
-            f"creating server {name}: server type {server_type} is unavailable in {', '.join(tried)}{hint}",
-            last.code,
-            last.api_message,
+            f"creating server {name}: no server type could be had: {tried}{hint}",
+            "resource_unavailable",
+            last.api_message if last is not None else "nothing orderable",
         )
 
     async def create_reachable(
         self,
         *,
         name: str,
-        server_type: str,
+        server_types: Sequence[str],
         user_data: str,
         labels: dict[str, str],
         host_key: str,
@@ -207,8 +209,8 @@ class ServerFactory:
         more before giving up. ``on_created`` runs once the API has answered the create.
         """
         for attempt in (1, 2):
-            server = await self._create_anew(name, server_type, user_data, labels)
-            what = f"creating server {name} ({server_type} in {server.location})"
+            server = await self._create_anew(name, server_types, user_data, labels)
+            what = f"creating server {name} ({server.server_type} in {server.location})"
             located = asyncio.ensure_future(self._located(server, what))
             try:
                 if on_created is not None:
@@ -230,15 +232,15 @@ class ServerFactory:
         raise AssertionError("unreachable")
 
     async def _create_anew(
-        self, name: str, server_type: str, user_data: str, labels: dict[str, str]
+        self, name: str, server_types: Sequence[str], user_data: str, labels: dict[str, str]
     ) -> ServerInfo:
-        server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+        server = await self.create(name=name, server_types=server_types, user_data=user_data, labels=labels)
         while server.id in self._deleted:
             # "Adopted" the predecessor being deleted: let it go, then create anew.
             await self.watcher.wait_gone(
                 server.id, timeout=self.settings.timeouts["close"], worker=labels.get(LABEL_WORKER)
             )
-            server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+            server = await self.create(name=name, server_types=server_types, user_data=user_data, labels=labels)
         return server
 
     def _located(self, server: ServerInfo, what: str) -> Awaitable[ServerInfo]:

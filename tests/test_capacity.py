@@ -1,0 +1,95 @@
+"""Capacity and the bill: server-type preference lists that survive sold-out types.
+
+Sold-out types are injected per server type (``resource_unavailable`` with ``server_type=``,
+docs/simulator.md); a type the catalog shows unavailable must be skipped without a request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import pytest
+from distributed import Client
+from support import servers_of, wait_until
+
+from dask_hetzner import HetznerCluster, list_clusters
+from dask_hetzner.cloud import ServerTypeInfo
+from dask_hetzner.cloud.preferences import candidates
+
+FAST = {
+    "hetzner.api.backoff-base": "20ms",
+    "hetzner.api.backoff-max": "500ms",
+    "hetzner.timeouts.server-create": "20s",
+    "hetzner.timeouts.ssh": "20s",
+}
+
+
+def _type(name: str, **kw: object) -> ServerTypeInfo:
+    return ServerTypeInfo(name, 2, 4, 40, "x86", "shared", False, **kw)  # type: ignore[arg-type]
+
+
+def test_candidates_location_first_catalog_skips_and_sold_out_last():
+    types = {
+        "a": _type("a", hourly={"fsn1": 0.01, "nbg1": 0.01}, available={"fsn1", "nbg1"}),
+        "b": _type("b", hourly={"fsn1": 0.02, "nbg1": 0.02}, available={"nbg1"}),  # sold out in fsn1
+        "c": _type("c", hourly={"fsn1": 0.03}, available={"fsn1"}),  # not offered in nbg1
+    }
+    pairs, skipped = candidates(types, ["a", "b", "c"], ["fsn1", "nbg1"])
+    assert pairs == [("a", "fsn1"), ("c", "fsn1"), ("a", "nbg1"), ("b", "nbg1")]
+    assert [str(x) for x in skipped] == [
+        "b in fsn1: unavailable (catalog)",
+        "c in nbg1: not offered there",
+    ]
+    # A pair that answered 412 lately is tried last, the others keep their order.
+    pairs, _ = candidates(types, ["a", "b", "c"], ["fsn1", "nbg1"], {("a", "fsn1")})
+    assert pairs == [("c", "fsn1"), ("a", "nbg1"), ("b", "nbg1"), ("a", "fsn1")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sold_out_first_type_falls_through_the_list(sim):
+    """cx22 (deprecated: unavailable in the catalog) is never asked for; cx33 is sold out
+    (412 per server type); the workers get cpx22 and their threads follow it."""
+    never = sim.inject("resource_unavailable", server_type="cx22", probability=0.0)
+    sold_out = sim.inject("resource_unavailable", server_type="cx33")
+    with dask.config.set(FAST):
+        cluster = HetznerCluster(
+            workers=2, name="cap1", scheduler_server_type="cx23",
+            worker_server_type=["cx22", "cx33", "cpx22"],
+        )  # fmt: skip
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert never.seen == 0, "a type the catalog shows unavailable was requested"
+            assert sold_out.hits >= 1
+            got = {s.name: s.server_type.name for s in servers_of(sim, "cap1")}
+            assert got == {"cap1-scheduler": "cx23", "cap1-worker-0": "cpx22", "cap1-worker-1": "cpx22"}
+            # cx33 (first orderable) has 4 vCPUs and 8 GB; cpx22, which they got, 2 and 4 GB.
+            workers = client.scheduler_info()["workers"].values()
+            assert {w["nthreads"] for w in workers} == {2}
+            assert {w["memory_limit"] for w in workers} == {int(4 * 0.9 * 1024) * 2**20}
+            assert "workers=2 (2 cpx22)" in repr(cluster)
+            page = cluster._repr_html_()
+            assert "workers cx22 &gt; cx33 &gt; cpx22" in page and ">cpx22<" in page
+            (info,) = [c for c in list_clusters() if c.name == "cap1"]
+            assert info.types == "scheduler: 1 cx23; workers: 2 cpx22"
+    assert servers_of(sim, "cap1") == []
+
+
+@pytest.mark.timeout(120)
+def test_nothing_fits_names_every_type_and_location(sim):
+    sim.inject("resource_unavailable")  # every type, everywhere
+    types = ["cx22", "cx33", "cpx22"]
+    t0 = time.monotonic()
+    with dask.config.set(FAST), pytest.raises(Exception, match="no server type could be had") as info:
+        HetznerCluster(
+            workers=1, name="cap2", scheduler_server_type=types, worker_server_type=types,
+            fallback_locations=["nbg1"],
+        )  # fmt: skip
+    message = str(info.value)
+    for pair in ("cx33 is unavailable in fsn1", "cpx22 is unavailable in fsn1",
+                 "cx33 is unavailable in nbg1", "cpx22 is unavailable in nbg1"):  # fmt: skip
+        assert f"server type {pair}" in message, message
+    assert "skipped cx22 in fsn1: deprecated" in message and "skipped cx22 in nbg1: deprecated" in message
+    assert time.monotonic() - t0 < 60
+    wait_until(lambda: sim.leaks() == {}, timeout=30, what="the rollback")

@@ -38,8 +38,8 @@ def ls(as_json: bool, token: str | None, endpoint: str | None) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "scheduler", "workers", "types", "status", "age", "EUR/h", "local state"):
-        table.add_column(column, justify="right" if column in ("workers", "EUR/h", "age") else "left")
+    for column in ("name", "scheduler", "workers", "types", "status", "age", "EUR/h", "billed EUR", "local state"):
+        table.add_column(column, justify="right" if column in ("workers", "EUR/h", "age", "billed EUR") else "left")
     for c in clusters:
         table.add_row(
             c.name,
@@ -49,6 +49,7 @@ def ls(as_json: bool, token: str | None, endpoint: str | None) -> None:
             c.status,
             _age_text(c.age_seconds),
             f"{c.hourly_cost:.4f}",
+            f"{c.billed:.4f}",
             "yes" if c.local_state else "no",
         )
     make_console().print(table)

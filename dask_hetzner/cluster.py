@@ -280,8 +280,21 @@ class HetznerCluster(ClusterLifecycle):
 
     @property
     def hourly_cost(self) -> float:
-        """Gross EUR per hour of the servers that exist now, from the API's prices."""
+        """Gross EUR per hour of the servers that exist now, their Primary IPv4s included,
+        from the API's prices (``GET /server_types``, ``GET /pricing``)."""
         return cost.hourly(self._ctx.servers.values(), self._server_types)
+
+    @property
+    def cost(self) -> float:
+        """EUR gross billed so far: every started hour of every server this cluster created,
+        deleted ones included, each with its Primary IPv4 (a reattached cluster counts the
+        servers it created itself)."""
+        return self._ctx.factory.bill.total
+
+    @property
+    def server_hours(self) -> int:
+        """Started server-hours billed so far (see :attr:`cost`)."""
+        return self._ctx.factory.bill.server_hours
 
     def _worker_options(self) -> dict[str, Any]:
         """A new worker's options as it will start: the server type's defaults, then the user's."""
@@ -344,12 +357,13 @@ class HetznerCluster(ClusterLifecycle):
         return display.text(
             self.name, len(self.workers), self.settings.location, self.hourly_cost,
             self.max_hourly_cost, self.status.name, display.type_mix(self._ctx.servers.values()),
+            self.cost,
         )  # fmt: skip
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         """Dask's cluster widget plus the servers, their types and the hourly cost."""
         types = self._server_types
         rows = display.server_rows(self._ctx.servers.values(), self._ctx.watcher.last, types)
-        section = display.html_section(self.settings, rows, types, self.hourly_cost)
+        section = display.html_section(self.settings, rows, types, self.hourly_cost, (self.cost, self.server_hours))
         return super()._repr_html_(cluster_status=section + (cluster_status or ""))
 

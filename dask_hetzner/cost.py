@@ -71,9 +71,12 @@ def check(s: ClusterSettings, types: Types | None, n: int, what: str) -> None:
 
 
 def server_price(server: ServerInfo, types: Types | None) -> float | None:
-    """Gross EUR/h of a server that exists, at its own location's price; None if unknown."""
+    """Gross EUR/h of a server that exists, at its own location's price, its Primary IPv4
+    included (none without a public IPv4); None if unknown."""
     info = (types or {}).get(server.server_type)
-    return None if info is None else info.hourly.get(server.location)
+    if info is None or server.location not in info.hourly:
+        return None
+    return info.hourly[server.location] + (info.ipv4.get(server.location, 0.0) if server.public_ip else 0.0)
 
 
 def hourly(servers: Iterable[ServerInfo], types: Types | None) -> float:

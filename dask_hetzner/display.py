@@ -14,13 +14,14 @@ COLUMNS = ["name", "role", "type", "location", "status", "ip", "private ip", "EU
 
 
 def text(
-    name: str, workers: int, location: str, hourly: float, limit: float | None, status: str, mix: str = ""
-) -> str:
+    name: str, workers: int, location: str, hourly: float, limit: float | None, status: str,
+    mix: str = "", billed: float = 0.0,
+) -> str:  # fmt: skip
     maximum = f" (max {limit:.4f})" if limit is not None else ""
     kinds = f" ({mix})" if mix else ""
     return (
         f"HetznerCluster({name!r}, workers={workers}{kinds}, location={location!r}, "
-        f"{hourly:.4f} EUR/h{maximum}, status={status})"
+        f"{hourly:.4f} EUR/h{maximum}, cost {billed:.4f} EUR, status={status})"
     )
 
 
@@ -57,7 +58,7 @@ def _kinds(used: list[str], types: Mapping[str, ServerTypeInfo], location: str) 
     e = html.escape
     return "; ".join(
         f"{e(t)}: {types[t].cores} vCPU, {types[t].memory_gb:g} GB, "
-        f"{types[t].hourly.get(location, 0.0):.4f} EUR/h in {e(location)}"
+        f"{types[t].hourly.get(location, 0.0):.4f} EUR/h + IPv4 {types[t].ipv4.get(location, 0.0):.4f} in {e(location)}"
         if t in types
         else e(t)
         for t in used
@@ -69,12 +70,14 @@ def html_section(
     rows: list[dict[str, str]],
     types: Mapping[str, ServerTypeInfo] | None,
     hourly: float,
+    billed: tuple[float, int] = (0.0, 0),
 ) -> str:
     """Rows for dask's cluster widget: cost, location, idle timeout, server types, servers."""
     e = html.escape
     cost_text = f"{hourly:.4f} EUR/h"
     if s.max_hourly_cost is not None:
         cost_text += f" (max {s.max_hourly_cost:.4f} EUR/h)"
+    cost_text += f"; billed so far {billed[0]:.4f} EUR for {billed[1]} server-hours"
     used = sorted({r["type"] for r in rows} | {s.scheduler_server_type[0], s.worker_server_type[0]})
     head = "".join(f'<th style="text-align: left;">{e(c)}</th>' for c in COLUMNS)
     body = "".join(

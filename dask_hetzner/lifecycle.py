@@ -106,6 +106,12 @@ class ClusterLifecycle(SpecCluster):
 
     async def _delete_everything(self) -> None:
         await self._provisioner.teardown()
+        bill = self._ctx.factory.bill
+        if bill.lines:
+            logger.info(
+                "cluster %s: this cluster cost %.4f EUR for %d server-hours",
+                self.name, bill.total, bill.server_hours,
+            )  # fmt: skip
         # Only once the API confirmed: until then the state is what finds and reaches it.
         self._ctx.pins.follow(None)
         await asyncio.to_thread(self._state.remove)

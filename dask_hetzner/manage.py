@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime
+import math
 import os
 import re
 import shlex
@@ -28,6 +29,7 @@ from .cloud import (
     ClusterResources,
     ConfigError,
     ServerInfo,
+    ServerTypeInfo,
     token_refused,
 )
 from .state import ClusterState, StateError, root_dir
@@ -128,6 +130,9 @@ class ClusterInfo:
     age_seconds: float | None
     hourly_cost: float
     local_state: bool
+    # EUR gross billed so far for the servers that exist (every started hour since each was
+    # created, Primary IPv4 included); the API does not show deleted servers' hours.
+    billed: float = 0.0
     servers: list[dict[str, Any]] = field(default_factory=list)
     other_resources: dict[str, int] = field(default_factory=dict)
 
@@ -169,6 +174,16 @@ def _age(created: str | None, now: datetime.datetime) -> float | None:
     return max(0.0, (now - when).total_seconds())
 
 
+def _billed(found: ClusterResources, types: dict[str, ServerTypeInfo], now: datetime.datetime) -> float:
+    hour = config.seconds("billing-hour")
+    total = 0.0
+    for s in found.servers:
+        info, age = types.get(s.server_type), _age(s.created, now)
+        if info is not None and age is not None:
+            total += (info.billed(s.location) or 0.0) * max(1, math.ceil(age / hour - 1e-9))
+    return total
+
+
 async def alist_clusters(
     *, token: str | None = None, api_endpoint: str | None = None
 ) -> list[ClusterInfo]:
@@ -180,7 +195,7 @@ async def alist_clusters(
     out = []
     for name, found in sorted(clusters.items()):
         cost = sum(
-            types[s.server_type].hourly.get(s.location, 0.0)
+            types[s.server_type].billed(s.location) or 0.0  # the Primary IPv4 included
             for s in found.servers
             if s.server_type in types
         )
@@ -193,6 +208,7 @@ async def alist_clusters(
                 created=found.created,
                 age_seconds=_age(found.created, now),
                 hourly_cost=cost,
+                billed=_billed(found, types, now),
                 local_state=(root / name / "cluster.json").is_file(),
                 servers=[
                     {

@@ -11,9 +11,10 @@ import time
 import dask
 import pytest
 from distributed import Client
-from support import servers_of, wait_until
+from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, list_clusters
+from dask_hetzner.bill import Bill
 from dask_hetzner.cloud import ServerTypeInfo
 from dask_hetzner.cloud.preferences import candidates
 
@@ -46,11 +47,37 @@ def test_candidates_location_first_catalog_skips_and_sold_out_last():
     assert pairs == [("c", "fsn1"), ("a", "nbg1"), ("b", "nbg1"), ("a", "fsn1")]
 
 
+def gross_hourly(sim, server_type: str, location: str = "fsn1") -> tuple[float, float]:
+    """(server, its Primary IPv4) in gross EUR/h, as the API says (``GET /pricing``)."""
+    client = sdk(sim)
+    t = client.server_types.get_by_name(server_type)
+    (price,) = [p for p in t.prices if p["location"] == location]
+    pricing = client.request("GET", "/pricing")["pricing"]
+    (ipv4,) = [
+        p for e in pricing["primary_ips"] if e["type"] == "ipv4" for p in e["prices"] if p["location"] == location
+    ]
+    return float(price["price_hourly"]["gross"]), float(ipv4["price_hourly"]["gross"])
+
+
+def test_bill_counts_every_started_hour():
+    bill = Bill(hour=3600.0)
+    bill.opened(1, "a", 0.01)
+    bill.opened(1, "a", 0.05)  # an adopted retry of the same create: one line
+    bill.opened(2, "b", 0.02)
+    bill.lines[2].created -= 7200.5  # created two hours and a bit ago: three started hours
+    bill.closed(1)
+    assert bill.server_hours == 1 + 3
+    assert bill.total == pytest.approx(0.01 + 3 * 0.02)
+    assert bill.paid_until(2) == pytest.approx(bill.lines[2].created + 3 * 3600.0)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_sold_out_first_type_falls_through_the_list(sim):
+def test_sold_out_type_falls_through_the_list_and_the_bill_is_hetzners(sim, caplog):
     """cx22 (deprecated: unavailable in the catalog) is never asked for; cx33 is sold out
-    (412 per server type); the workers get cpx22 and their threads follow it."""
+    (412 per server type); the workers get cpx22 and their threads follow it. The bill
+    counts every server created (a retired one too) with its Primary IPv4, as the simulator
+    bills it."""
     never = sim.inject("resource_unavailable", server_type="cx22", probability=0.0)
     sold_out = sim.inject("resource_unavailable", server_type="cx33")
     with dask.config.set(FAST):
@@ -73,7 +100,26 @@ def test_sold_out_first_type_falls_through_the_list(sim):
             assert "workers cx22 &gt; cx33 &gt; cpx22" in page and ">cpx22<" in page
             (info,) = [c for c in list_clusters() if c.name == "cap1"]
             assert info.types == "scheduler: 1 cx23; workers: 2 cpx22"
+
+            (scheduler, ipv4), (worker, _) = gross_hourly(sim, "cx23"), gross_hourly(sim, "cpx22")
+            assert ipv4 > 0
+            assert cluster.hourly_cost == pytest.approx(scheduler + 2 * worker + 3 * ipv4)
+            assert info.hourly_cost == pytest.approx(cluster.hourly_cost)
+            assert info.billed == pytest.approx(cluster.hourly_cost)  # one started hour each
+            cluster.scale(1)
+            wait_until(lambda: len(servers_of(sim, "cap1")) == 2, timeout=60, what="a retired worker's server deleted")
+            billed = scheduler + 2 * worker + 3 * ipv4  # the deleted server's hour is paid
+            assert cluster.hourly_cost == pytest.approx(scheduler + worker + 2 * ipv4)
+            assert (cluster.cost, cluster.server_hours) == (pytest.approx(billed), 3)
+            hetzner = sim.bill("cap1")
+            assert (hetzner["eur"], hetzner["server_hours"]) == (pytest.approx(billed, abs=1e-9), 3)
+            assert f"cost {billed:.4f} EUR" in repr(cluster)
+            assert f"billed so far {billed:.4f} EUR for 3 server-hours" in cluster._repr_html_()
+            with caplog.at_level("INFO", logger="dask_hetzner"):
+                cluster.close()
     assert servers_of(sim, "cap1") == []
+    assert f"this cluster cost {billed:.4f} EUR for 3 server-hours" in caplog.text
+    assert sim.bill("cap1")["server_hours"] == 3
 
 
 @pytest.mark.timeout(120)

@@ -24,10 +24,14 @@ def one_type(sim):
 
 
 def hourly(sim, server_type: str, location: str = "fsn1") -> float:
-    """Gross EUR/h as the API says (never hard-coded: Hetzner changes prices)."""
-    t = sdk(sim).server_types.get_by_name(server_type)
+    """Gross EUR/h of a server and its Primary IPv4, as the API says (never hard-coded:
+    Hetzner changes prices)."""
+    client = sdk(sim)
+    t = client.server_types.get_by_name(server_type)
     (price,) = [p for p in t.prices if p["location"] == location]
-    return float(price["price_hourly"]["gross"])
+    primary_ips = client.request("GET", "/pricing")["pricing"]["primary_ips"]
+    (ipv4,) = [p for e in primary_ips if e["type"] == "ipv4" for p in e["prices"] if p["location"] == location]
+    return float(price["price_hourly"]["gross"]) + float(ipv4["price_hourly"]["gross"])
 
 
 

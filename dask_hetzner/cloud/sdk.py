@@ -179,6 +179,17 @@ class Sdk:
         found: list[Any] = self._client.server_types.get_all()
         return {t.name: _server_type_info(t) for t in found}
 
+    def ipv4_prices(self) -> dict[str, float]:
+        """Gross EUR/h of a Primary IPv4 by location. hcloud 2.27 has no pricing client:
+        ``GET /pricing`` through its generic request (the spec's ``get_pricing``)."""
+        body: dict[str, Any] = self._client.request("GET", "/pricing")
+        return {
+            p["location"]: float(p["price_hourly"]["gross"])
+            for entry in body["pricing"]["primary_ips"]
+            if entry["type"] == "ipv4"
+            for p in entry["prices"]
+        }
+
     def locations(self) -> dict[str, LocationInfo]:
         found: list[Any] = self._client.locations.get_all()
         return {loc.name: LocationInfo(loc.name, loc.city, loc.network_zone) for loc in found}

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import remote
+from .. import config, remote
 from ..aio import cancelled
+from ..bill import Bill
 from ..cloud import (
     LABEL_WORKER,
     ActionFailed,
@@ -113,6 +114,7 @@ class ServerFactory:
         self._confirming: set[asyncio.Future[None]] = set()  # deletions confirmed in the background
         # The whole cluster is being deleted: retired servers need no confirmation one by one.
         self.closing = False
+        self.bill = Bill(config.seconds("billing-hour"))  # every server created, deleted ones too
 
     def begin_closing(self) -> None:
         """The whole cluster is being deleted: teardown confirms every deletion at once."""
@@ -155,6 +157,8 @@ class ServerFactory:
                     raise
                 self._sold_out.discard((server_type, location))
                 self.record(server)
+                info = catalog.get(server.server_type)
+                self.bill.opened(server.id, server.name, info.billed(server.location) if info else None)
                 return server
         raise self._nothing_fits(name, refused, skipped, last)
 
@@ -297,6 +301,7 @@ class ServerFactory:
         self.shared.release(server.name)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)
+        self.bill.closed(server.id)
         await self.pins.forget(server)
         if wait:
             await self.watcher.wait_gone(
@@ -323,6 +328,7 @@ class ServerFactory:
     def forget_all(self) -> None:
         """Teardown confirmed that every server of the cluster is gone."""
         self.servers.clear()
+        self.bill.close_all()
 
     async def stop_confirming(self) -> None:
         """Teardown lists and deletes everything anyway: the background confirmations stop."""

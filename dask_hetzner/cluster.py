@@ -313,8 +313,14 @@ class HetznerCluster(ClusterLifecycle):
         if cores is not None:
             n = max(n, math.ceil(cores / int(self._worker_options()["nthreads"])))
         check_size(n, "scaling")
-        cost.check(self.settings, self._server_types, n, "scaling")
+        cost.check(self.settings, self._server_types, n, "scaling", self._kept_hourly(n))
         return super().scale(n)
+
+    def _kept_hourly(self, n: int) -> float:
+        """EUR/h of the kept servers a scale to ``n`` workers leaves kept (new workers take
+        the ones paid longest first)."""
+        kept = sorted(self._ctx.kept.kept.values(), key=lambda k: -k.until)[max(0, n - len(self.worker_spec)) :]
+        return sum(cost.server_price(k.server, self._server_types) or 0.0 for k in kept)
 
     def adapt(
         self,
@@ -357,7 +363,7 @@ class HetznerCluster(ClusterLifecycle):
         return display.text(
             self.name, len(self.workers), self.settings.location, self.hourly_cost,
             self.max_hourly_cost, self.status.name, display.type_mix(self._ctx.servers.values()),
-            self.cost,
+            self.cost, display.kept_summary(self._ctx.servers.values()),
         )  # fmt: skip
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:

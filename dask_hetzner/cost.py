@@ -52,19 +52,22 @@ def max_workers(s: ClusterSettings, types: Types | None) -> int | None:
     return max(0, math.floor((s.max_hourly_cost - scheduler) / worker + 1e-9))
 
 
-def check(s: ClusterSettings, types: Types | None, n: int, what: str) -> None:
-    """Refuse (``CostLimitError``) a size whose price is above ``max_hourly_cost``."""
+def check(s: ClusterSettings, types: Types | None, n: int, what: str, extra: float = 0.0) -> None:
+    """Refuse (``CostLimitError``) a size whose price is above ``max_hourly_cost``;
+    ``extra``: EUR/h of servers that stay besides (kept servers no new worker takes)."""
     limit, prices = s.max_hourly_cost, role_prices(s, types)
     if limit is None or prices is None:
         return
-    cost = prices[0] + n * prices[1]
+    cost = prices[0] + n * prices[1] + extra
     if cost <= limit + 1e-9:
         return
     fit = max_workers(s, types)
     raise CostLimitError(
         f"{what} with {n} workers would cost {cost:.4f} EUR/h gross (scheduler "
         f"{'/'.join(s.scheduler_server_type)} {prices[0]:.4f} + {n} x {'/'.join(s.worker_server_type)} "
-        f"{prices[1]:.4f} EUR/h at most in {', '.join([s.location, *s.fallback_locations])}), above "
+        f"{prices[1]:.4f} EUR/h at most in {', '.join([s.location, *s.fallback_locations])}"
+        + (f", kept servers {extra:.4f}" if extra else "")
+        + "), above "
         f"max_hourly_cost {limit:.4f} EUR/h"
         + (f"; at most {fit} workers fit" if prices[0] <= limit else "; not even the scheduler fits")
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import html
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from . import cost
-from .cloud import ServerInfo, ServerTypeInfo
+from .cloud import LABEL_KEPT_UNTIL, ServerInfo, ServerTypeInfo
 from .settings import ClusterSettings
 
 COLUMNS = ["name", "role", "type", "location", "status", "ip", "private ip", "EUR/h"]
@@ -15,14 +16,28 @@ COLUMNS = ["name", "role", "type", "location", "status", "ip", "private ip", "EU
 
 def text(
     name: str, workers: int, location: str, hourly: float, limit: float | None, status: str,
-    mix: str = "", billed: float = 0.0,
+    mix: str = "", billed: float = 0.0, kept: str = "",
 ) -> str:  # fmt: skip
     maximum = f" (max {limit:.4f})" if limit is not None else ""
     kinds = f" ({mix})" if mix else ""
+    kinds += f", {kept}" if kept else ""
     return (
         f"HetznerCluster({name!r}, workers={workers}{kinds}, location={location!r}, "
         f"{hourly:.4f} EUR/h{maximum}, cost {billed:.4f} EUR, status={status})"
     )
+
+
+def kept_text(server: ServerInfo) -> str:
+    """A kept server's status: ``"paid, idle until 17:05"`` (local time)."""
+    until = server.labels.get(LABEL_KEPT_UNTIL, "")
+    when = time.strftime("%H:%M", time.localtime(int(until))) if until.isdigit() else "?"
+    return f"paid, idle until {when}"
+
+
+def kept_summary(servers: Iterable[ServerInfo]) -> str:
+    """``"1 kept (paid, idle until 17:05)"``, the earliest time; "" without kept servers."""
+    kept = sorted((s for s in servers if s.role == "kept"), key=lambda s: s.labels.get(LABEL_KEPT_UNTIL, ""))
+    return f"{len(kept)} kept ({kept_text(kept[0])})" if kept else ""
 
 
 def type_mix(servers: Iterable[ServerInfo], role: str = "worker") -> str:
@@ -42,10 +57,10 @@ def server_rows(
         rows.append(
             {
                 "name": s.name,
-                "role": s.role or "",
+                "role": known.role or "",  # labels as this process last set them
                 "type": s.server_type,
                 "location": s.location,
-                "status": s.status,
+                "status": kept_text(known) if known.role == "kept" else s.status,
                 "ip": s.public_ip or "",
                 "private ip": s.private_ip or "",
                 "EUR/h": f"{price:.4f}" if price is not None else "?",

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 from . import config, layout, remote
 from .cloud import (
+    LABEL_KEPT_UNTIL,
     LABEL_WORKER,
     Cloud,
     CloudError,
@@ -146,8 +148,17 @@ class ClusterInfo:
             counts = Counter(s["type"] for s in self.servers if s["role"] == role)
             return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
 
-        scheduler, workers = mix("scheduler"), mix("worker")
-        return "; ".join(x for x in (scheduler and f"scheduler: {scheduler}", workers and f"workers: {workers}") if x)
+        scheduler, workers, kept = mix("scheduler"), mix("worker"), self._kept()
+        parts = (scheduler and f"scheduler: {scheduler}", workers and f"workers: {workers}", kept)
+        return "; ".join(x for x in parts if x)
+
+    def _kept(self) -> str:
+        """``"kept: 1 (paid, idle until 17:05)"``: retired workers' servers waiting for reuse."""
+        until = sorted(s["kept_until"] or "" for s in self.servers if s["role"] == "kept")
+        if not until:
+            return ""
+        when = time.strftime("%H:%M", time.localtime(int(until[0]))) if until[0].isdigit() else "?"
+        return f"kept: {len(until)} (paid, idle until {when})"
 
 
 def _status(found: ClusterResources) -> str:
@@ -215,6 +226,7 @@ async def alist_clusters(
                         "name": s.name,
                         "role": s.role,
                         "worker": s.labels.get(LABEL_WORKER),
+                        "kept_until": s.labels.get(LABEL_KEPT_UNTIL),
                         "status": s.status,
                         "type": s.server_type,
                         "location": s.location,

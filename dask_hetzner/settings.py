@@ -77,6 +77,10 @@ class ClusterSettings:
     timeouts: Mapping[str, float]
     uv_version: str
     index_url: str | None
+    # A retired worker's server is kept (dask stopped) until keep_margin before its next
+    # started hour, for the next scale-up (hetzner.keep-paid-servers, hetzner.keep-margin).
+    keep_paid_servers: bool = False
+    keep_margin: float = 300.0
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -113,6 +117,7 @@ class ClusterSettings:
             timeouts=a("timeouts") or {k: config.seconds(f"timeouts.{k}") for k in TIMEOUT_KEYS},
             uv_version=_pick("uv-version", a("uv_version")),
             index_url=_pick("index-url", a("index_url")),
+            **_keeping(a("keep_paid_servers"), a("keep_margin")),
         )
 
     @classmethod
@@ -200,6 +205,22 @@ def _type_list(value: Any, what: str) -> tuple[str, ...]:
     if twice:
         raise ConfigError(f"{what} lists {', '.join(twice)} more than once")
     return names
+
+
+def _keeping(keep: Any, margin: Any) -> dict[str, Any]:
+    """``keep_paid_servers`` and ``keep_margin`` (a duration >= 0, below one billed hour)."""
+    keep = _pick("keep-paid-servers", keep)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"keep_paid_servers must be true or false, got {keep!r}")
+    value = _pick("keep-margin", margin)
+    try:
+        seconds = dask.utils.parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"keep_margin must be a duration, got {value!r}") from None
+    hour = config.seconds("billing-hour")
+    if seconds is None or not 0 <= seconds < hour:
+        raise ConfigError(f"keep_margin must be at least 0 and below hetzner.billing-hour ({hour:g} s), got {value!r}")
+    return {"keep_paid_servers": keep, "keep_margin": float(seconds)}
 
 
 def _positive(value: Any, what: str) -> float | None:

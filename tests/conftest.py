@@ -41,6 +41,9 @@ def sim_config(sim) -> dict:
         "hetzner.timeouts.process-start": "120s",
         "hetzner.timeouts.close": "60s",
         "distributed.deploy.lost-worker-timeout": "2s",
+        # A retired worker's server is deleted at once in the suite; the tests of keeping paid
+        # servers (tests/test_capacity.py) turn it on.
+        "hetzner.keep-paid-servers": False,
     }
 
 

@@ -15,7 +15,7 @@ from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, list_clusters
 from dask_hetzner.bill import Bill
-from dask_hetzner.cloud import ServerTypeInfo
+from dask_hetzner.cloud import LABEL_ROLE, ServerTypeInfo
 from dask_hetzner.cloud.preferences import candidates
 
 FAST = {
@@ -139,3 +139,62 @@ def test_nothing_fits_names_every_type_and_location(sim):
     assert "skipped cx22 in fsn1: deprecated" in message and "skipped cx22 in nbg1: deprecated" in message
     assert time.monotonic() - t0 < 60
     wait_until(lambda: sim.leaks() == {}, timeout=30, what="the rollback")
+
+
+def _by_role(sim, cluster: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in servers_of(sim, cluster):
+        out.setdefault(s.labels[LABEL_ROLE], []).append(s)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
+    """A retired worker's server is kept (dask stopped) and taken by the next scale-up: same
+    server id, no create. Kept past its time it goes; close deletes a kept server too.
+    A billed hour is 300 s here (the simulator's and the client's alike)."""
+    keep = {**FAST, "hetzner.keep-paid-servers": True, "hetzner.billing-hour": "300s", "hetzner.keep-margin": "10s"}
+    with dask.config.set(keep):
+        cluster = HetznerCluster(workers=1, name="keep1", scheduler_server_type="cx23", worker_server_type="cx23")
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            (first,) = _by_role(sim, "keep1")["worker"]
+            posts = sim.stats.requests["POST /servers"]
+
+            cluster.scale(0)
+            wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the retired worker's server kept")
+            assert not client.scheduler_info()["workers"]
+            assert [s.id for s in _by_role(sim, "keep1")["kept"]] == [first.id]
+            assert "1 kept (paid, idle until " in repr(cluster)
+            assert "paid, idle until " in cluster._repr_html_()
+            (info,) = [c for c in list_clusters() if c.name == "keep1"]
+            assert "kept: 1 (paid, idle until " in info.types and info.workers == 0
+            (price, ipv4) = gross_hourly(sim, "cx23")
+            assert cluster.hourly_cost == pytest.approx(2 * (price + ipv4)), "a kept server is billed"
+
+            cluster.scale(1)  # worker-1 takes the kept server: no create, no boot, no bootstrap
+            client.wait_for_workers(1, timeout=60)
+            (worker,) = client.scheduler_info()["workers"].values()
+            (taken,) = _by_role(sim, "keep1")["worker"]
+            assert (taken.id, taken.name, worker["name"]) == (first.id, "keep1-worker-1", "worker-1")
+            assert worker["host"] == taken.private_net[0].ip
+            assert sim.stats.requests["POST /servers"] == posts
+
+            # Its paid hour ends 8 s after it is retired (the margin set so): kept, then deleted.
+            kept = cluster.context.kept
+            kept.margin = cluster.context.factory.bill.paid_until(first.id) - time.time() - 8
+            cluster.scale(0)
+            wait_until(
+                lambda: first.id not in {s.id for s in servers_of(sim, "keep1")},
+                timeout=60, what="a kept server deleted before its next started hour",
+            )  # fmt: skip
+            kept.margin = 10
+            cluster.scale(1)  # nothing kept: created anew
+            client.wait_for_workers(1, timeout=120)
+            assert sim.stats.requests["POST /servers"] == posts + 1
+            cluster.scale(0)
+            wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the last worker's server kept")
+            assert cluster.server_hours == sim.bill("keep1")["server_hours"] == 3
+        # close() deleted the kept server too (the fixture checks nothing is left).
+    assert servers_of(sim, "keep1") == []

@@ -13,6 +13,9 @@ from typing import Literal
 LABEL_CLUSTER = "dask-hetzner/cluster"
 LABEL_ROLE = "dask-hetzner/role"
 LABEL_WORKER = "dask-hetzner/worker"
+# A retired worker's server kept (role "kept") while its started hour is paid: until when
+# (Unix time), so any process can show it.
+LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"
 
 # The labelled resources a cluster shares besides its servers (snapshots are images).
 Kind = Literal["ssh_key", "network", "firewall", "placement_group", "snapshot"]

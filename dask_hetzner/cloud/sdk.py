@@ -275,5 +275,9 @@ class Sdk:
         attribute, ref = _KINDS[kind]
         getattr(self._client, attribute).delete(ref(id=resource_id))
 
+    def update_server(self, server_id: int, name: str, labels: dict[str, str]) -> ServerInfo:
+        """``PUT /servers/{id}``: a new name and labels (a kept server taken by a new worker)."""
+        return _server_info(self._client.servers.update(Server(id=server_id), name=name, labels=labels))
+
     def delete_server(self, server_id: int) -> None:
         self._client.servers.delete(Server(id=server_id))

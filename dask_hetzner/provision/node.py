@@ -55,6 +55,10 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     labels = {LABEL_CLUSTER: ctx.settings.name, LABEL_ROLE: role}
     if role == "worker":
         labels[LABEL_WORKER] = name
+        if ctx.settings.keep_paid_servers:
+            reused = await _reuse_kept(ctx, name, labels, options)
+            if reused is not None:
+                return reused
     reached: Reached | None = None
     announce: asyncio.Future[None] | None = None
     try:
@@ -95,6 +99,31 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     except BaseException:
         await _undo(ctx, reached, announce)
         raise
+
+
+async def _reuse_kept(
+    ctx: ClusterContext, name: str, labels: dict[str, str], options: dict[str, Any]
+) -> Prepared | None:
+    """A kept server (paid, idle) restarted as worker ``name``: no create, boot or bootstrap.
+    One that fails is deleted and the next tried; None when none is left."""
+    while (entry := await ctx.kept.take(server_name(ctx.settings.name, name, "worker"), labels)) is not None:
+        server = entry.server
+        ctx.report(name, f"restarting kept server {server.name}")
+        conn: remote.Remote | None = None
+        try:
+            assert server.public_ip, f"server {server.name} has no public IPv4"
+            conn = await ctx.ssh(server.public_ip, entry.host_key_public, retry_for=ctx.settings.timeouts["ssh"])
+            prepared = Prepared(server, entry.host_key_public, conn, {}, time.time())
+            await launch_worker(ctx, prepared, name, options)
+            return prepared
+        except BaseException as e:
+            if conn is not None:
+                await quietly(conn.close())
+            await asyncio.shield(ctx.factory.delete(server, wait=False))
+            if not isinstance(e, Exception):
+                raise
+            logger.warning("worker %s: kept server %s could not be restarted (%s); deleted", name, server.name, e)
+    return None
 
 
 async def _undo(ctx: ClusterContext, reached: Reached | None, announce: asyncio.Future[None] | None) -> None:

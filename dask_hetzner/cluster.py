@@ -77,6 +77,12 @@ class HetznerCluster(ClusterLifecycle):
         Delete the whole cluster (never just power it off: Hetzner bills stopped servers) after
         this long without work and without a connected client, even if this process is gone.
         The API token then goes to the scheduler's server: see ``docs/security-idle.md``.
+    no_client_timeout:
+        Delete the whole cluster after this long without a connected ``Client`` (the cluster
+        object alone does not count), enforced on the scheduler's server like ``idle_timeout``.
+    max_lifetime:
+        Delete the whole cluster this long after its scheduler started, whatever happens;
+        enforced on the scheduler's server too.
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -104,6 +110,8 @@ class HetznerCluster(ClusterLifecycle):
         progress: Callable[[str, str], None] | None = None,
         max_hourly_cost: float | None = None,
         idle_timeout: str | float | None = None,
+        no_client_timeout: str | float | None = None,
+        max_lifetime: str | float | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
@@ -119,6 +127,7 @@ class HetznerCluster(ClusterLifecycle):
                 packages=packages, connect=connect, allowed_cidrs=allowed_cidrs,
                 worker_options=worker_options, scheduler_options=scheduler_options,
                 max_hourly_cost=max_hourly_cost, idle_timeout=idle_timeout,
+                no_client_timeout=no_client_timeout, max_lifetime=max_lifetime,
             )  # fmt: skip
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
         self._ctx = self._context(settings, attach, api_endpoint, progress)
@@ -171,9 +180,12 @@ class HetznerCluster(ClusterLifecycle):
             keys = ClusterKeys.from_secrets(settings.name, attach.secrets)
             self._state = attach.state
         idle = None
-        if settings.idle_timeout is not None:
+        if settings.self_deleting:
             # A start that takes longer than start_grace has failed anyway.
-            idle = IdleSettings(settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout)
+            idle = IdleSettings(
+                settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout,
+                no_client_timeout=settings.no_client_timeout, max_lifetime=settings.max_lifetime,
+            )  # fmt: skip
         ctx = ClusterContext(
             settings, cloud, keys, versions=environment.local_versions(), idle=idle, progress=progress
         )

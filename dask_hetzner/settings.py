@@ -49,6 +49,8 @@ STORED = (
     "scheduler_options",
     "max_hourly_cost",
     "idle_timeout",
+    "no_client_timeout",
+    "max_lifetime",
 )
 # cluster.json files written before the settings record named two fields differently.
 _LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
@@ -81,6 +83,9 @@ class ClusterSettings:
     # started hour, for the next scale-up (hetzner.keep-paid-servers, hetzner.keep-margin).
     keep_paid_servers: bool = False
     keep_margin: float = 300.0
+    # Enforced on the scheduler's server like idle_timeout (idle.py), without this process.
+    no_client_timeout: float | None = None
+    max_lifetime: float | None = None
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -118,6 +123,8 @@ class ClusterSettings:
             uv_version=_pick("uv-version", a("uv_version")),
             index_url=_pick("index-url", a("index_url")),
             **_keeping(a("keep_paid_servers"), a("keep_margin")),
+            no_client_timeout=_duration(_pick("no-client-timeout", a("no_client_timeout")), "no_client_timeout"),
+            max_lifetime=_duration(_pick("max-lifetime", a("max_lifetime")), "max_lifetime"),
         )
 
     @classmethod
@@ -136,6 +143,11 @@ class ClusterSettings:
     def locations(self) -> list[str]:
         """Where servers may go: the location, then the fallbacks not equal to it."""
         return [self.location] + [x for x in self.fallback_locations if x != self.location]
+
+    @property
+    def self_deleting(self) -> bool:
+        """A policy the scheduler's server enforces on its own (it then holds the token)."""
+        return any(x is not None for x in (self.idle_timeout, self.no_client_timeout, self.max_lifetime))
 
     @property
     def start_timeout(self) -> float:
@@ -213,10 +225,13 @@ def _keeping(keep: Any, margin: Any) -> dict[str, Any]:
     if not isinstance(keep, bool):
         raise ConfigError(f"keep_paid_servers must be true or false, got {keep!r}")
     value = _pick("keep-margin", margin)
-    try:
-        seconds = dask.utils.parse_timedelta(value, default="seconds")
+    text = str(value).strip()
+    try:  # parse_timedelta refuses a sign: "-1m" is a negative margin, said as such below
+        seconds = dask.utils.parse_timedelta(text.lstrip("-"), default="seconds")
     except (TypeError, ValueError, KeyError):
         raise ConfigError(f"keep_margin must be a duration, got {value!r}") from None
+    if seconds is not None and text.startswith("-"):
+        seconds = -seconds
     hour = config.seconds("billing-hour")
     if seconds is None or not 0 <= seconds < hour:
         raise ConfigError(f"keep_margin must be at least 0 and below hetzner.billing-hour ({hour:g} s), got {value!r}")
@@ -238,6 +253,8 @@ def _positive(value: Any, what: str) -> float | None:
 def _duration(value: Any, what: str) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (int, float)):  # seconds (parse_timedelta refuses negative ones)
+        return _positive(value, what)
     try:
         parsed = dask.utils.parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError):

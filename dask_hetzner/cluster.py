@@ -27,6 +27,7 @@ from .settings import (
     ClusterSettings,
     check_size,
     worker_count,
+    workers_to_wait_for,
 )
 from .state import ClusterState, root_dir
 
@@ -83,6 +84,10 @@ class HetznerCluster(ClusterLifecycle):
     max_lifetime:
         Delete the whole cluster this long after its scheduler started, whatever happens;
         enforced on the scheduler's server too.
+    wait_for_workers:
+        Return once the scheduler and this many workers (an int, or a fraction of the workers
+        asked for) are up; the others keep starting (they were provisioned from the start)
+        and join in the background. One that fails is named in an error log and dropped.
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -112,12 +117,15 @@ class HetznerCluster(ClusterLifecycle):
         idle_timeout: str | float | None = None,
         no_client_timeout: str | float | None = None,
         max_lifetime: str | float | None = None,
+        wait_for_workers: int | float | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
         attach: Attachment | None = kwargs.pop("_attach", None)
         settings: ClusterSettings | None = kwargs.pop("_settings", None)
         count = worker_count(workers, n_workers)
+        # The constructor returns once this many are up; the others join in the background.
+        self._wait_for = workers_to_wait_for(wait_for_workers, count)
         if security not in (None, True):
             raise ValueError("TLS cannot be replaced or turned off: every cluster makes its own CA")
         if settings is None:

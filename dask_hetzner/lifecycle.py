@@ -42,6 +42,8 @@ class ClusterLifecycle(SpecCluster):
     _detached: bool  # closing only disconnects (reattaching, or after detach())
     _touched: bool  # this process created something: a failure rolls it back
     _initial_pending: bool  # the initial workers' start is still to come
+    _wait_for: int | None = None  # initial workers the start waits for (None: all)
+    _late: dict[str, Any] = {}  # the other initial workers' specs, until the first are up
     _teardown_task: asyncio.Future[None] | None
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
@@ -217,12 +219,22 @@ class ClusterLifecycle(SpecCluster):
             self._provisioner.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
+            self._late = self._hold_back_late_workers()
             await super()._start()
         except BaseException:
             self.status = Status.failed
             await asyncio.shield(self._teardown())
             raise
 
+
+    def _hold_back_late_workers(self) -> dict[str, Any]:
+        """The initial workers past ``wait_for_workers``, out of the plan the start waits for."""
+        names = list(self.worker_spec)
+        if self._wait_for is None or self._wait_for >= len(names):
+            return {}
+        late = {n: self.worker_spec.pop(n) for n in names[self._wait_for :]}
+        logger.info("cluster %s: waiting for %d workers; %d more join in the background", self.name, self._wait_for, len(late))
+        return late
 
     async def _close(self) -> None:
         # A detached cluster only disconnects; else every server is deleted at once.
@@ -299,6 +311,12 @@ class ClusterLifecycle(SpecCluster):
             await super()._correct_state_internal()
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
+            if initial and self._late:
+                # Past wait_for_workers, already provisioning: they join in the background,
+                # like a scale-up (a failure is named and dropped, below).
+                self.worker_spec.update(self._late)
+                self._late = {}
+                asyncio.ensure_future(self._correct_state())
         except Exception as e:
             # The initial workers failing fails the start (and rolls back everything).
             if initial or self.status != Status.running:

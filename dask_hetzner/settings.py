@@ -10,6 +10,7 @@ happens before anything is created.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -172,6 +173,25 @@ def worker_count(workers: Any, n_workers: Any) -> int:
     if not isinstance(count, int) or count < 0:
         raise ValueError(f"workers must be a non-negative integer, got {count!r}")
     return count
+
+
+def workers_to_wait_for(value: Any, count: int) -> int:
+    """How many of ``count`` initial workers the constructor waits for (``wait_for_workers=``
+    or ``hetzner.wait-for-workers``): an int, a fraction of ``count`` (0 < x <= 1), or None
+    for all of them."""
+    if value is None:
+        value = config.get("wait-for-workers")
+    if value is None:
+        return count
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"wait_for_workers must be a worker count or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value <= count:
+            raise ConfigError(f"wait_for_workers must be between 0 and the {count} workers asked for, got {value}")
+        return value
+    if not 0 < value <= 1:
+        raise ConfigError(f"wait_for_workers as a fraction must be in (0, 1], got {value!r}")
+    return min(count, math.ceil(value * count - 1e-9))
 
 
 def check_size(n: int, what: str) -> None:

@@ -15,8 +15,9 @@ from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, list_clusters
 from dask_hetzner.bill import Bill
-from dask_hetzner.cloud import LABEL_ROLE, ServerTypeInfo
+from dask_hetzner.cloud import LABEL_ROLE, ConfigError, ServerTypeInfo
 from dask_hetzner.cloud.preferences import candidates
+from dask_hetzner.settings import workers_to_wait_for
 
 FAST = {
     "hetzner.api.backoff-base": "20ms",
@@ -198,3 +199,39 @@ def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
             assert cluster.server_hours == sim.bill("keep1")["server_hours"] == 3
         # close() deleted the kept server too (the fixture checks nothing is left).
     assert servers_of(sim, "keep1") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_wait_for_workers_returns_early_and_names_a_late_failure(sim, caplog):
+    """wait_for_workers=1 of 3: the constructor returns with worker-0 up while worker-1 still
+    boots (slow_boot) ; worker-1 joins later; worker-2's create fails twice (action_error):
+    named in an error, dropped from the plan, its server deleted."""
+    # Later than the scheduler's own start (workers boot alongside it); below the ssh bound (60 s).
+    sim.inject("slow_boot", name="wfw-worker-1", delay=50)
+    sim.inject("action_error", name="wfw-worker-2")
+    with caplog.at_level("ERROR", logger="dask_hetzner"):
+        cluster = HetznerCluster(workers=3, name="wfw", wait_for_workers=1, worker_server_type="cx23")
+        with cluster, Client(cluster) as client:
+            up = {w["name"] for w in client.scheduler_info()["workers"].values()}
+            assert "worker-0" in up and "worker-1" not in up, up
+            client.wait_for_workers(2, timeout=120)
+            wait_until(lambda: "worker-2" not in cluster.worker_spec, timeout=60, what="the failed worker dropped")
+            assert {w["name"] for w in client.scheduler_info()["workers"].values()} == {"worker-0", "worker-1"}
+            assert "workers ['worker-2'] failed to start" in caplog.text
+            assert {s.name for s in servers_of(sim, "wfw")} == {"wfw-scheduler", "wfw-worker-0", "wfw-worker-1"}
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [(-1, "between 0 and the 2 workers"), (3, "between 0 and the 2 workers"), (1.5, r"fraction must be in \(0, 1\]"),
+     (True, "worker count or a fraction"), ("half", "worker count or a fraction")],
+)  # fmt: skip
+def test_bad_wait_for_workers_refused(sim, value, match):
+    with pytest.raises(ConfigError, match=match):
+        HetznerCluster(workers=2, name="wfwbad", wait_for_workers=value)
+    assert sim.leaks() == {}
+
+
+def test_wait_for_workers_as_a_fraction():
+    assert [workers_to_wait_for(x, 50) for x in (None, 0, 1, 0.5, 0.01, 1.0)] == [50, 0, 1, 25, 1, 50]

@@ -406,8 +406,12 @@ def stop_scheduler(pid_file: Path, timeout: float = 20.0) -> None:
     logger.warning("the scheduler (process group %d) survived SIGKILL for %.0f s", pid, timeout)
 
 
-def idle_for(state: dict[str, Any] | None, now: float, watching_since: float) -> float:
-    """Seconds the cluster has been idle: by the heartbeat, or since the heartbeat stopped."""
+def idle_for(state: dict[str, Any] | None, now: float, watching_since: float, grace: float = 0.0) -> float:
+    """Seconds the cluster has been idle: by the heartbeat, or since the heartbeat stopped.
+    Before its first heartbeat, within ``grace`` (the start's bound), the scheduler is still
+    starting (a loaded machine can take longer than the silence bound): 0."""
+    if state is None and now - watching_since < grace:
+        return 0.0
     last_beat = max(watching_since, state["time"] if state else 0.0)
     if now - last_beat > max(10 * HEARTBEAT, 5.0):
         # No heartbeat: the scheduler is gone (or hung); nobody can use the cluster.
@@ -434,9 +438,9 @@ def no_client_for(state: dict[str, Any] | None, now: float, watching_since: floa
 def why_delete(config: dict[str, Any], state: dict[str, Any] | None, now: float, started: float) -> str | None:
     """Which shutdown policy says the cluster must go now, in words; None: none of them."""
     timeout, no_client, lifetime = (config.get(k) for k in ("timeout", "no_client_timeout", "max_lifetime"))
-    if timeout is not None and (idle := idle_for(state, now, started)) >= float(timeout):
-        return f"idle for {idle:.0f} s"
     grace = float(config.get("start_grace") or 0.0)
+    if timeout is not None and (idle := idle_for(state, now, started, grace)) >= float(timeout):
+        return f"idle for {idle:.0f} s"
     if no_client is not None and (alone := no_client_for(state, now, started, grace)) >= float(no_client):
         return f"no client connected for {alone:.0f} s (no_client_timeout)"
     if lifetime is not None and now - started >= float(lifetime):

@@ -31,6 +31,7 @@ def test_why_delete_names_the_policy():
     assert idle.why_delete({**config, "timeout": 45.0}, with_client, now, started) == "idle for 50 s"
     # No heartbeat yet: the scheduler is starting (within start_grace), not gone.
     assert idle.why_delete({**config, "start_grace": 600.0}, None, now, started) is None
+    assert idle.why_delete({**config, "timeout": 3.0, "start_grace": 600.0}, None, now, started) is None
     assert "no_client_timeout" in (idle.why_delete(config, None, now, started) or "")
 
 

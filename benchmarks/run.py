@@ -18,6 +18,8 @@ simulator running in its own process, and measures:
 
 and, separately, the real environment build on this machine: ``uv`` against ``pip`` for the
 dask stack on an empty directory, with a cold (temporary, empty) and a warm cache.
+``benchmarks/capacity.py`` (issue 14) reuses this simulator process for the bursty trace
+(paid servers kept or not) and the time to first result with ``wait_for_workers``.
 
 It writes ``benchmarks/results/latest.json`` and ``time_to_ready.png`` and prints a markdown
 table. These are measurements, not assertions: the goals are reported as met or missed.
@@ -86,6 +88,8 @@ def serve_sim(args: argparse.Namespace) -> None:
                 elif cmd == "cpu":
                     cpu = sim.hosts.cpu
                     out = f"cgroup {cpu.version}" if cpu.grouped else "niced sessions"
+                elif cmd.startswith("bill"):  # "bill NAME": what Hetzner would bill that cluster
+                    out = sim.bill(cmd.partition(" ")[2] or None)
                 elif cmd == "leaks":
                     out = {k: len(v) for k, v in sim.leaks().items()}
                 else:

@@ -56,8 +56,10 @@ def _roll_back_on_signals() -> Iterator[dict[str, int | None]]:
 @click.command()
 @click.option("-n", "--workers", type=click.IntRange(min=0), default=None, help="Workers to start with.")
 @click.option("--name", default=None, help="Cluster name (default: made up).")
-@click.option("--worker-type", default=None, help="Server type of the workers (see `types`).")
-@click.option("--scheduler-type", default=None, help="Server type of the scheduler.")
+@click.option(
+    "--worker-type", default=None, help="Server type of the workers, or a preference list: cx33,cpx32 (see `types`)."
+)
+@click.option("--scheduler-type", default=None, help="Server type (or list, like --worker-type) of the scheduler.")
 @click.option("--location", default=None, help="Hetzner location (fsn1, nbg1, hel1, ash, hil, sin).")
 @click.option(
     "--fallback-location",
@@ -139,6 +141,12 @@ def _wait_then_detach(cluster: HetznerCluster) -> dict[str, Any]:
     return summary
 
 
+def _mix(cluster: HetznerCluster, role: str) -> str:
+    from .display import type_mix
+
+    return type_mix(cluster.context.servers.values(), role)
+
+
 def _summary(cluster: HetznerCluster) -> dict[str, Any]:
     s, address = cluster.settings, cluster.context.scheduler.address
     scheduler = cluster.scheduler
@@ -147,8 +155,9 @@ def _summary(cluster: HetznerCluster) -> dict[str, Any]:
     return {
         "name": cluster.name,
         "workers": len(cluster.worker_spec),
-        "scheduler_type": s.scheduler_server_type,
-        "worker_type": s.worker_server_type,
+        # The types the servers got (from the preference lists).
+        "scheduler_type": _mix(cluster, "scheduler") or "/".join(s.scheduler_server_type),
+        "worker_type": _mix(cluster, "worker") or "/".join(s.worker_server_type),
         "location": s.location,
         "connect": s.connect,
         "scheduler": address,

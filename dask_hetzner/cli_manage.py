@@ -38,16 +38,18 @@ def ls(as_json: bool, token: str | None, endpoint: str | None) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "scheduler", "workers", "status", "age", "EUR/h", "local state"):
-        table.add_column(column, justify="right" if column in ("workers", "EUR/h", "age") else "left")
+    for column in ("name", "scheduler", "workers", "types", "status", "age", "EUR/h", "billed EUR", "local state"):
+        table.add_column(column, justify="right" if column in ("workers", "EUR/h", "age", "billed EUR") else "left")
     for c in clusters:
         table.add_row(
             c.name,
             str(c.schedulers),
             str(c.workers),
+            c.types,
             c.status,
             _age_text(c.age_seconds),
             f"{c.hourly_cost:.4f}",
+            f"{c.billed:.4f}",
             "yes" if c.local_state else "no",
         )
     make_console().print(table)
@@ -270,7 +272,7 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
 
     # Short headers, no wrapping but in the last column: one line a type at 80 columns.
     table = Table(box=None, pad_edge=False, caption_justify="left")
-    table.caption = f"prices in {location}" if location else "prices: the cheapest location; where: orderable in"
+    table.caption = f"prices in {location}; recommended: Hetzner recommends it there" if location else "prices: the cheapest location; where: orderable in (*: recommended there)"
     columns = ("name", "vCPU", "GB", "disk", "arch", "cpu", "EUR/h", "EUR/mo", "available" if location else "where")
     for column in columns:
         left = column in ("name", "arch", "cpu", "available", "where")
@@ -285,9 +287,17 @@ def types(location: str | None, as_json: bool, token: str | None, endpoint: str 
             r["cpu_type"],
             "-" if r["hourly"] is None else f"{r['hourly']:.4f}",
             "-" if r["monthly"] is None else f"{r['monthly']:.2f}",
-            ("yes" if r["available"] else "no") if location else (", ".join(r["available"]) or "nowhere"),
+            _where(r, location),
         )
     make_console().print(table, soft_wrap=False)
+
+
+def _where(row: dict[str, Any], location: str | None) -> str:
+    """Where a type can be ordered: yes/recommended/no in one location, else the locations."""
+    if location:
+        return "recommended" if row["recommended"] else ("yes" if row["available"] else "no")
+    marked = [x + ("*" if x in row["recommended"] else "") for x in row["available"]]
+    return ", ".join(marked) or "nowhere"
 
 
 async def _types(location: str | None, token: str | None, endpoint: str | None) -> list[dict[str, Any]]:
@@ -303,11 +313,13 @@ async def _types(location: str | None, token: str | None, endpoint: str | None) 
         if location:
             hourly, monthly = t.hourly.get(location), t.monthly.get(location)
             available: Any = location in t.available
+            recommended: Any = location in t.recommended
         else:
             cheapest = min(t.hourly, key=lambda loc: t.hourly[loc], default=None)
             hourly = t.hourly.get(cheapest) if cheapest else None
             monthly = t.monthly.get(cheapest) if cheapest else None
             available = sorted(t.available)
+            recommended = sorted(t.recommended)
         rows.append(
             {
                 "name": t.name,
@@ -318,6 +330,7 @@ async def _types(location: str | None, token: str | None, endpoint: str | None) 
                 "cpu_type": t.cpu_type,
                 "deprecated": t.deprecated,
                 "available": available,
+                "recommended": recommended,
                 "hourly": hourly,
                 "monthly": monthly,
             }

@@ -34,6 +34,7 @@ from .settings import (
     check_server_limit,
     check_size,
     worker_count,
+    workers_to_wait_for,
 )
 from .state import ClusterState, root_dir
 
@@ -57,7 +58,11 @@ class HetznerCluster(ClusterLifecycle):
         Number of workers to start with.
     name:
         Cluster name; every resource is labelled with it (``dask-hetzner/cluster``).
-    scheduler_server_type, worker_server_type, location, image:
+    scheduler_server_type, worker_server_type:
+        A server type, or a preference list of them (``["cx33", "cpx32"]``, one architecture),
+        tried in order in the location, then in each fallback location, when one is sold out;
+        a worker's threads and memory limit follow the type it got.
+    location, image:
         Checked against the API's catalog before anything is created.
     fallback_locations:
         Locations of the same network zone to try when a type is sold out.
@@ -101,6 +106,16 @@ class HetznerCluster(ClusterLifecycle):
     allow_fewer_workers:
         When a start meets the account's server limit (``403 resource_limit_exceeded``), go on
         with the workers that fit instead of failing (the scheduler is then created first).
+    no_client_timeout:
+        Delete the whole cluster after this long without a connected ``Client`` (the cluster
+        object alone does not count), enforced on the scheduler's server like ``idle_timeout``.
+    max_lifetime:
+        Delete the whole cluster this long after its scheduler started, whatever happens;
+        enforced on the scheduler's server too.
+    wait_for_workers:
+        Return once the scheduler and this many workers (an int, or a fraction of the workers
+        asked for) are up; the others keep starting (they were provisioned from the start)
+        and join in the background. One that fails is named in an error log and dropped.
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -110,8 +125,8 @@ class HetznerCluster(ClusterLifecycle):
         *,
         n_workers: int | None = None,
         name: str | None = None,
-        scheduler_server_type: str | None = None,
-        worker_server_type: str | None = None,
+        scheduler_server_type: str | list[str] | None = None,
+        worker_server_type: str | list[str] | None = None,
         location: str | None = None,
         fallback_locations: list[str] | None = None,
         image: str | None = None,
@@ -137,6 +152,9 @@ class HetznerCluster(ClusterLifecycle):
         setup_commands: list[str] | None = None,
         server_limit: int | None = None,
         allow_fewer_workers: bool | None = None,
+        no_client_timeout: str | float | None = None,
+        max_lifetime: str | float | None = None,
+        wait_for_workers: int | float | None = None,
         **kwargs: Any,
     ) -> None:
         # Set by from_name only: take over a running cluster with its stored settings.
@@ -147,6 +165,8 @@ class HetznerCluster(ClusterLifecycle):
         quiet = progress is not None or asynchronous or attach is not None  # reattaching creates nothing
         display = None if quiet else progress_display.default()
         progress = progress or display
+        # The constructor returns once this many are up; the others join in the background.
+        self._wait_for = workers_to_wait_for(wait_for_workers, count)
         if security not in (None, True):
             raise ValueError("TLS cannot be replaced or turned off: every cluster makes its own CA")
         if settings is None:
@@ -159,6 +179,7 @@ class HetznerCluster(ClusterLifecycle):
                 environment=environment, upload=upload, env=env, object_storage=object_storage,
                 apt_packages=apt_packages, setup_commands=setup_commands,
                 server_limit=server_limit, allow_fewer_workers=allow_fewer_workers,
+                no_client_timeout=no_client_timeout, max_lifetime=max_lifetime,
             )  # fmt: skip
         secrets = SecretEnv(check_env(secret_env, "secret_env"))
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
@@ -215,9 +236,12 @@ class HetznerCluster(ClusterLifecycle):
             keys = ClusterKeys.from_secrets(settings.name, attach.secrets)
             self._state = attach.state
         idle = None
-        if settings.idle_timeout is not None:
+        if settings.self_deleting:
             # A start that takes longer than start_grace has failed anyway.
-            idle = IdleSettings(settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout)
+            idle = IdleSettings(
+                settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout,
+                no_client_timeout=settings.no_client_timeout, max_lifetime=settings.max_lifetime,
+            )  # fmt: skip
         versions = local_versions()
         ctx = ClusterContext(
             settings, cloud, keys, versions=versions, idle=idle, progress=progress,
@@ -334,13 +358,28 @@ class HetznerCluster(ClusterLifecycle):
 
     @property
     def hourly_cost(self) -> float:
-        """Gross EUR per hour of the servers that exist now, from the API's prices."""
+        """Gross EUR per hour of the servers that exist now, their Primary IPv4s included,
+        from the API's prices (``GET /server_types``, ``GET /pricing``)."""
         return cost.hourly(self._ctx.servers.values(), self._server_types)
+
+    @property
+    def cost(self) -> float:
+        """EUR gross billed so far: every started hour of every server this cluster created,
+        deleted ones included, each with its Primary IPv4 (a reattached cluster counts the
+        servers it created itself)."""
+        return self._ctx.factory.bill.total
+
+    @property
+    def server_hours(self) -> int:
+        """Started server-hours billed so far (see :attr:`cost`)."""
+        return self._ctx.factory.bill.server_hours
 
     def _worker_options(self) -> dict[str, Any]:
         """A new worker's options as it will start: the server type's defaults, then the user's."""
-        types, wanted = self._server_types, self.settings.worker_server_type
-        if types is None or wanted not in types:
+        types = self._server_types
+        # The first type of the list: what a new worker gets unless it is sold out.
+        wanted = next((t for t in self.settings.worker_server_type if t in (types or {})), None)
+        if types is None or wanted is None:
             raise ValueError("scaling by cores= or memory= needs the server types: start the cluster first")
         return {**worker_defaults(types[wanted]), **user_options(self.new_spec["options"])}
 
@@ -353,8 +392,14 @@ class HetznerCluster(ClusterLifecycle):
             n = max(n, math.ceil(cores / int(self._worker_options()["nthreads"])))
         check_size(n, "scaling")
         check_server_limit(self.settings, n, "scaling")
-        cost.check(self.settings, self._server_types, n, "scaling")
+        cost.check(self.settings, self._server_types, n, "scaling", self._kept_hourly(n))
         return super().scale(n)
+
+    def _kept_hourly(self, n: int) -> float:
+        """EUR/h of the kept servers a scale to ``n`` workers leaves kept (new workers take
+        the ones paid longest first)."""
+        kept = sorted(self._ctx.kept.kept.values(), key=lambda k: -k.until)[max(0, n - len(self.worker_spec)) :]
+        return sum(cost.server_price(k.server, self._server_types) or 0.0 for k in kept)
 
     def adapt(
         self,
@@ -396,13 +441,14 @@ class HetznerCluster(ClusterLifecycle):
     def __repr__(self) -> str:
         return display.text(
             self.name, len(self.workers), self.settings.location, self.hourly_cost,
-            self.max_hourly_cost, self.status.name,
+            self.max_hourly_cost, self.status.name, display.type_mix(self._ctx.servers.values()),
+            self.cost, display.kept_summary(self._ctx.servers.values()),
         )  # fmt: skip
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         """Dask's cluster widget plus the servers, their types and the hourly cost."""
         types = self._server_types
         rows = display.server_rows(self._ctx.servers.values(), self._ctx.watcher.last, types)
-        section = display.html_section(self.settings, rows, types, self.hourly_cost)
+        section = display.html_section(self.settings, rows, types, self.hourly_cost, (self.cost, self.server_hours))
         return super()._repr_html_(cluster_status=section + (cluster_status or ""))
 

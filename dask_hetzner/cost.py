@@ -1,7 +1,7 @@
 """What a cluster costs per hour, by the API's prices, and the ``max_hourly_cost`` policy.
 
-Prices are gross EUR per hour. A server may land in the location or a fallback: a planned
-server is priced at the dearest of them.
+Prices are gross EUR per hour. A server may get any type of its role's preference list, in
+the location or a fallback: a planned server is priced at the dearest of those pairs.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from .cloud import ConfigError, ServerInfo, ServerTypeInfo
+from .cloud import ConfigError, ServerInfo, ServerTypeInfo, preferences
 from .settings import ClusterSettings
 
 Types = Mapping[str, ServerTypeInfo]
@@ -30,8 +30,8 @@ def role_prices(s: ClusterSettings, types: Types | None) -> tuple[float, float] 
     if types is None:
         return None
     return (
-        price(types, s.scheduler_server_type, s.locations),
-        price(types, s.worker_server_type, s.locations),
+        preferences.dearest(types, s.scheduler_server_type, s.locations),
+        preferences.dearest(types, s.worker_server_type, s.locations),
     )
 
 
@@ -52,28 +52,34 @@ def max_workers(s: ClusterSettings, types: Types | None) -> int | None:
     return max(0, math.floor((s.max_hourly_cost - scheduler) / worker + 1e-9))
 
 
-def check(s: ClusterSettings, types: Types | None, n: int, what: str) -> None:
-    """Refuse (``CostLimitError``) a size whose price is above ``max_hourly_cost``."""
+def check(s: ClusterSettings, types: Types | None, n: int, what: str, extra: float = 0.0) -> None:
+    """Refuse (``CostLimitError``) a size whose price is above ``max_hourly_cost``;
+    ``extra``: EUR/h of servers that stay besides (kept servers no new worker takes)."""
     limit, prices = s.max_hourly_cost, role_prices(s, types)
     if limit is None or prices is None:
         return
-    cost = prices[0] + n * prices[1]
+    cost = prices[0] + n * prices[1] + extra
     if cost <= limit + 1e-9:
         return
     fit = max_workers(s, types)
     raise CostLimitError(
         f"{what} with {n} workers would cost {cost:.4f} EUR/h gross (scheduler "
-        f"{s.scheduler_server_type} {prices[0]:.4f} + {n} x {s.worker_server_type} "
-        f"{prices[1]:.4f} EUR/h in {', '.join([s.location, *s.fallback_locations])}), above "
+        f"{'/'.join(s.scheduler_server_type)} {prices[0]:.4f} + {n} x {'/'.join(s.worker_server_type)} "
+        f"{prices[1]:.4f} EUR/h at most in {', '.join([s.location, *s.fallback_locations])}"
+        + (f", kept servers {extra:.4f}" if extra else "")
+        + "), above "
         f"max_hourly_cost {limit:.4f} EUR/h"
         + (f"; at most {fit} workers fit" if prices[0] <= limit else "; not even the scheduler fits")
     )
 
 
 def server_price(server: ServerInfo, types: Types | None) -> float | None:
-    """Gross EUR/h of a server that exists, at its own location's price; None if unknown."""
+    """Gross EUR/h of a server that exists, at its own location's price, its Primary IPv4
+    included (none without a public IPv4); None if unknown."""
     info = (types or {}).get(server.server_type)
-    return None if info is None else info.hourly.get(server.location)
+    if info is None or server.location not in info.hourly:
+        return None
+    return info.hourly[server.location] + (info.ipv4.get(server.location, 0.0) if server.public_ip else 0.0)
 
 
 def hourly(servers: Iterable[ServerInfo], types: Types | None) -> float:

@@ -91,12 +91,9 @@ def _use(
             time.sleep(0.2)
         say("1 worker left.")
         # Each server Hetzner bills is charged at least one started hour.
-        s = cluster.settings
         types = cluster.context.cloud.cached_server_types() or {}
-        return {
-            "scheduler": types[s.scheduler_server_type].hourly[s.location],
-            "worker": types[s.worker_server_type].hourly[s.location],
-        }
+        got = {s.role: s for s in cluster.context.servers.values()}  # the types the servers got
+        return {role or "": types[s.server_type].hourly[s.location] for role, s in got.items()}
 
 
 def _table(summary: dict[str, Any]) -> Table:

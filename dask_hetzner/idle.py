@@ -73,12 +73,15 @@ logger = logging.getLogger("dask_hetzner.idle")
 class IdleSettings:
     """What the scheduler's server needs to delete its cluster. The token never shows in a repr."""
 
-    timeout: float
+    timeout: float | None  # idle_timeout; None: only the policies below
     endpoint: str
     token: str = dataclasses.field(repr=False)
     # Until the cluster object says its first workers are up (or this long has passed), the
     # cluster is busy: a slow start must not look idle.
     start_grace: float = 3600.0
+    # Delete after this long without a connected client / this long after the watch began.
+    no_client_timeout: float | None = None
+    max_lifetime: float | None = None
 
     def config(self, cluster: str, server_id: int) -> dict[str, Any]:
         """The settings file (no secret in it: the token goes to its own file)."""
@@ -87,6 +90,8 @@ class IdleSettings:
             "server_id": server_id,
             "endpoint": self.endpoint,
             "timeout": self.timeout,
+            "no_client_timeout": self.no_client_timeout,
+            "max_lifetime": self.max_lifetime,
             "start_grace": self.start_grace,
             "token_file": Path(TOKEN_FILE).name,
             "state_file": Path(STATE_FILE).name,
@@ -129,6 +134,7 @@ class _Idleness:
         config = json.loads((directory / Path(CONFIG_FILE).name).read_text())
         self.grace_until: float | None = time.time() + float(config.get("start_grace", 3600.0))
         self.idle_since: float | None = None
+        self.no_client_since: float | None = None  # no Client connected since (after the start)
         self.transitions = -1
 
     def clients(self) -> int:
@@ -157,9 +163,14 @@ class _Idleness:
             self.idle_since = None
         elif self.idle_since is None:
             self.idle_since = now
+        if self.clients() or self.grace_until is not None:
+            self.no_client_since = None
+        elif self.no_client_since is None:
+            self.no_client_since = now
         state = {
             "time": now,
             "idle_since": self.idle_since,
+            "no_client_since": self.no_client_since,
             "starting": self.grace_until is not None,
             "clients": self.clients(),
             "workers": len(self.scheduler.workers),
@@ -173,6 +184,7 @@ class _Idleness:
         if action == "started":
             self.grace_until = None
             self.idle_since = None
+            self.no_client_since = None
         return {"idle_since": self.idle_since, "clients": self.clients()}
 
 
@@ -394,8 +406,12 @@ def stop_scheduler(pid_file: Path, timeout: float = 20.0) -> None:
     logger.warning("the scheduler (process group %d) survived SIGKILL for %.0f s", pid, timeout)
 
 
-def idle_for(state: dict[str, Any] | None, now: float, watching_since: float) -> float:
-    """Seconds the cluster has been idle: by the heartbeat, or since the heartbeat stopped."""
+def idle_for(state: dict[str, Any] | None, now: float, watching_since: float, grace: float = 0.0) -> float:
+    """Seconds the cluster has been idle: by the heartbeat, or since the heartbeat stopped.
+    Before its first heartbeat, within ``grace`` (the start's bound), the scheduler is still
+    starting (a loaded machine can take longer than the silence bound): 0."""
+    if state is None and now - watching_since < grace:
+        return 0.0
     last_beat = max(watching_since, state["time"] if state else 0.0)
     if now - last_beat > max(10 * HEARTBEAT, 5.0):
         # No heartbeat: the scheduler is gone (or hung); nobody can use the cluster.
@@ -403,6 +419,33 @@ def idle_for(state: dict[str, Any] | None, now: float, watching_since: float) ->
     if state and state.get("idle_since"):
         return now - float(state["idle_since"])
     return 0.0
+
+
+def no_client_for(state: dict[str, Any] | None, now: float, watching_since: float, grace: float = 0.0) -> float:
+    """Seconds without a connected client: by the heartbeat, or since it stopped (a scheduler
+    that is gone has no clients). Before its first heartbeat, within ``grace`` (the start's
+    bound), the scheduler is still starting: 0."""
+    if state is None and now - watching_since < grace:
+        return 0.0
+    last_beat = max(watching_since, state["time"] if state else 0.0)
+    if now - last_beat > max(10 * HEARTBEAT, 5.0):
+        return now - last_beat
+    if state and state.get("no_client_since"):
+        return now - float(state["no_client_since"])
+    return 0.0
+
+
+def why_delete(config: dict[str, Any], state: dict[str, Any] | None, now: float, started: float) -> str | None:
+    """Which shutdown policy says the cluster must go now, in words; None: none of them."""
+    timeout, no_client, lifetime = (config.get(k) for k in ("timeout", "no_client_timeout", "max_lifetime"))
+    grace = float(config.get("start_grace") or 0.0)
+    if timeout is not None and (idle := idle_for(state, now, started, grace)) >= float(timeout):
+        return f"idle for {idle:.0f} s"
+    if no_client is not None and (alone := no_client_for(state, now, started, grace)) >= float(no_client):
+        return f"no client connected for {alone:.0f} s (no_client_timeout)"
+    if lifetime is not None and now - started >= float(lifetime):
+        return f"running for {now - started:.0f} s (max_lifetime)"
+    return None
 
 
 def watch(config_file: str) -> None:
@@ -413,20 +456,21 @@ def watch(config_file: str) -> None:
     token = (directory / config["token_file"]).read_text().strip()
     api = Api(config["endpoint"], token)
     del token
-    timeout = float(config["timeout"])
+    bounds = [float(config[k]) for k in ("timeout", "no_client_timeout", "max_lifetime") if config.get(k)]
     state_file = directory / config["state_file"]
     started = time.time()
     logger.info(
-        "watching cluster %s: deleting it after %.0f s without work or clients", config["cluster"], timeout
-    )
+        "watching cluster %s: idle_timeout %s, no_client_timeout %s, max_lifetime %s (s)",
+        config["cluster"], config.get("timeout"), config.get("no_client_timeout"), config.get("max_lifetime"),
+    )  # fmt: skip
     while True:
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             state = None  # not written yet, or mid-replace
-        idle = idle_for(state, time.time(), started)
-        if idle >= timeout:
-            logger.info("cluster %s idle for %.0f s: deleting it", config["cluster"], idle)
+        reason = why_delete(config, state, time.time(), started)
+        if reason is not None:
+            logger.info("cluster %s %s: deleting it", config["cluster"], reason)
             stop_scheduler(directory / config.get("scheduler_pid_file", "scheduler.pid"))
             try:
                 delete_cluster(api, config["cluster"], config.get("server_id"))
@@ -438,7 +482,7 @@ def watch(config_file: str) -> None:
             time.sleep(600)
             logger.error("still alive 600 s after deleting this server")
             sys.exit(1)
-        time.sleep(min(HEARTBEAT, max(0.1, timeout / 10)))
+        time.sleep(min(HEARTBEAT, max(0.1, min(bounds, default=10.0) / 10)))
 
 
 def main(argv: list[str]) -> int:

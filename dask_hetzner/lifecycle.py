@@ -24,7 +24,7 @@ from distributed.utils import Log, Logs
 from . import __version__, clients, cost, manage, reattach
 from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment
-from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo
+from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.limits import WHERE_TO_RAISE, is_limit
@@ -45,6 +45,8 @@ class ClusterLifecycle(SpecCluster):
     _detached: bool  # closing only disconnects (reattaching, or after detach())
     _touched: bool  # this process created something: a failure rolls it back
     _initial_pending: bool  # the initial workers' start is still to come
+    _wait_for: int | None = None  # initial workers the start waits for (None: all)
+    _late: dict[str, Any] = {}  # the other initial workers' specs, until the first are up
     _teardown_task: asyncio.Future[None] | None
     _token: str
     # Set when the scheduler's status stream ends while this object lives.
@@ -78,10 +80,12 @@ class ClusterLifecycle(SpecCluster):
         """Every user choice checked against the API before anything is created."""
         s, cloud = self.settings, self._ctx.cloud
         await cloud.check_token()
-        await cloud.check_choices(
-            [s.scheduler_server_type, s.worker_server_type], s.location, s.image, s.fallback_locations
-        )
+        await cloud.check_choices([], s.location, s.image)  # the location; types per list below
         check_same_zone(await cloud.locations(), s.location, s.fallback_locations)
+        catalog = await cloud.server_types()
+        for role in ("scheduler", "worker"):
+            arch = preferences.check_list(catalog, s.server_types(role), s.locations, f"{role}_server_type")
+            await cloud.image_id(s.image, arch)  # the image exists for that architecture
         check_size(len(self.worker_spec), "starting the cluster")
         check_server_limit(s, len(self.worker_spec), "starting the cluster")
         cost.check(s, self._server_types, len(self.worker_spec), "starting the cluster")
@@ -91,7 +95,8 @@ class ClusterLifecycle(SpecCluster):
             adaptive.maximum = cap
         types = await cloud.server_types()
         # The packages resolved for the servers' platforms: a bad one is named now, not in a bootstrap.
-        await self._ctx.payload.check({types[t].architecture for t in (s.scheduler_server_type, s.worker_server_type)})
+        roles = ("scheduler", "worker")
+        await self._ctx.payload.check({types[t].architecture for r in roles for t in s.server_types(r)})
         if len(await cloud.cluster_resources(s.name)):
             raise ConfigError(
                 f"a cluster named {s.name!r} already exists in this project "
@@ -112,6 +117,12 @@ class ClusterLifecycle(SpecCluster):
 
     async def _delete_everything(self) -> None:
         await self._provisioner.teardown()
+        bill = self._ctx.factory.bill
+        if bill.lines:
+            logger.info(
+                "cluster %s: this cluster cost %.4f EUR for %d server-hours",
+                self.name, bill.total, bill.server_hours,
+            )  # fmt: skip
         # Only once the API confirmed: until then the state is what finds and reaches it.
         self._ctx.pins.follow(None)
         await asyncio.to_thread(self._state.remove)
@@ -230,6 +241,7 @@ class ClusterLifecycle(SpecCluster):
             self._provisioner.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
+            self._late = self._hold_back_late_workers()
             await self._start_unless_limited()
             await self._write_client_address()
         except BaseException:
@@ -258,6 +270,14 @@ class ClusterLifecycle(SpecCluster):
         if factory.limit_hit is not None:
             raise factory.limit_hit.starting(self.name, asked) from None
         start.result()
+    def _hold_back_late_workers(self) -> dict[str, Any]:
+        """The initial workers past ``wait_for_workers``, out of the plan the start waits for."""
+        names = list(self.worker_spec)
+        if self._wait_for is None or self._wait_for >= len(names):
+            return {}
+        late = {n: self.worker_spec.pop(n) for n in names[self._wait_for :]}
+        logger.info("cluster %s: waiting for %d workers; %d more join in the background", self.name, self._wait_for, len(late))
+        return late
 
     async def _close(self) -> None:
         # A detached cluster only disconnects; else every server is deleted at once.
@@ -334,6 +354,12 @@ class ClusterLifecycle(SpecCluster):
             await super()._correct_state_internal()
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
+            if initial and self._late:
+                # Past wait_for_workers, already provisioning: they join in the background,
+                # like a scale-up (a failure is named and dropped, below).
+                self.worker_spec.update(self._late)
+                self._late = {}
+                asyncio.ensure_future(self._correct_state())
         except Exception as e:
             # The initial workers failing fails the start (and rolls back everything), unless
             # the account's server limit stopped them and the user allowed fewer.

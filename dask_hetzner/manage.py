@@ -12,21 +12,26 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime
+import math
 import os
 import re
 import shlex
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import config, layout
 from .cloud import (
+    LABEL_KEPT_UNTIL,
     LABEL_WORKER,
     Cloud,
     CloudError,
     ClusterResources,
     ConfigError,
     ServerInfo,
+    ServerTypeInfo,
     token_refused,
 )
 from .state import ClusterState, StateError, root_dir
@@ -130,11 +135,33 @@ class ClusterInfo:
     age_seconds: float | None
     hourly_cost: float
     local_state: bool
+    # EUR gross billed so far for the servers that exist (every started hour since each was
+    # created, Primary IPv4 included); the API does not show deleted servers' hours.
+    billed: float = 0.0
     servers: list[dict[str, Any]] = field(default_factory=list)
     other_resources: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "types": self.types}
+
+    @property
+    def types(self) -> str:
+        """The server types it got: ``"cx23; workers: 2 cx33, 1 cpx32"`` (the scheduler's first)."""
+        def mix(role: str) -> str:
+            counts = Counter(s["type"] for s in self.servers if s["role"] == role)
+            return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+        scheduler, workers, kept = mix("scheduler"), mix("worker"), self._kept()
+        parts = (scheduler and f"scheduler: {scheduler}", workers and f"workers: {workers}", kept)
+        return "; ".join(x for x in parts if x)
+
+    def _kept(self) -> str:
+        """``"kept: 1 (paid, idle until 17:05)"``: retired workers' servers waiting for reuse."""
+        until = sorted(s["kept_until"] or "" for s in self.servers if s["role"] == "kept")
+        if not until:
+            return ""
+        when = time.strftime("%H:%M", time.localtime(int(until[0]))) if until[0].isdigit() else "?"
+        return f"kept: {len(until)} (paid, idle until {when})"
 
 
 def _status(found: ClusterResources) -> str:
@@ -161,6 +188,16 @@ def _age(created: str | None, now: datetime.datetime) -> float | None:
     return max(0.0, (now - when).total_seconds())
 
 
+def _billed(found: ClusterResources, types: dict[str, ServerTypeInfo], now: datetime.datetime) -> float:
+    hour = config.seconds("billing-hour")
+    total = 0.0
+    for s in found.servers:
+        info, age = types.get(s.server_type), _age(s.created, now)
+        if info is not None and age is not None:
+            total += (info.billed(s.location) or 0.0) * max(1, math.ceil(age / hour - 1e-9))
+    return total
+
+
 async def alist_clusters(
     *, token: str | None = None, api_endpoint: str | None = None
 ) -> list[ClusterInfo]:
@@ -172,7 +209,7 @@ async def alist_clusters(
     out = []
     for name, found in sorted(clusters.items()):
         cost = sum(
-            types[s.server_type].hourly.get(s.location, 0.0)
+            types[s.server_type].billed(s.location) or 0.0  # the Primary IPv4 included
             for s in found.servers
             if s.server_type in types
         )
@@ -185,12 +222,14 @@ async def alist_clusters(
                 created=found.created,
                 age_seconds=_age(found.created, now),
                 hourly_cost=cost,
+                billed=_billed(found, types, now),
                 local_state=(root / name / "cluster.json").is_file(),
                 servers=[
                     {
                         "name": s.name,
                         "role": s.role,
                         "worker": s.labels.get(LABEL_WORKER),
+                        "kept_until": s.labels.get(LABEL_KEPT_UNTIL),
                         "status": s.status,
                         "type": s.server_type,
                         "location": s.location,

@@ -68,14 +68,17 @@ class HetznerNode(ProcessInterface):
             await self._stop_process()
             if self.prepared is not None:
                 await quietly(self.prepared.conn.close())
-                # Not waiting for it to go: the DELETE was accepted, and the factory confirms
-                # it in the background (or the teardown deletes what is left).
-                await self.context.factory.delete(self.prepared.server, wait=False)
+                await self._release(self.prepared)
             else:
                 # Closed before start finished: whatever was being provisioned goes too.
                 await self.provisioner.cancel(self.name)
         finally:
             await super().close()
+
+    async def _release(self, p: Prepared) -> None:
+        """Its server goes. Not waiting for it: the DELETE was accepted, and the factory
+        confirms it in the background (or the teardown deletes what is left)."""
+        await self.context.factory.delete(p.server, wait=False)
 
     def __repr__(self) -> str:
         where = f" {self.server.name} {self.server.public_ip}" if self.server else ""
@@ -200,6 +203,21 @@ class WorkerServer(HetznerNode):
         # goes: it gets the scheduler's private address from the context.
         super().__init__(context=context, provisioner=provisioner, name=name)
         self.options = kwargs
+        self._stopped = False
+
+    async def _release(self, p: Prepared) -> None:
+        """A retired worker whose dask stopped cleanly keeps its server while its started
+        hour is paid (``keep_paid_servers``, provision/kept.py); otherwise it goes."""
+        ctx = self.context
+        until = ctx.kept.deadline(p.server) if ctx.settings.keep_paid_servers else None
+        if until is None or not self._stopped or ctx.factory.closing:
+            await super()._release(p)
+            return
+        try:
+            await ctx.kept.keep(p.server, p.host_key_public, until)
+        except Exception as e:
+            logger.warning("keeping server %s failed (%s); deleting it", p.server.name, e)
+            await super()._release(p)
 
     async def start(self) -> None:
         # Its process was started with its server (see provision.node.launch_worker).
@@ -219,6 +237,7 @@ class WorkerServer(HetznerNode):
             return
         try:
             await asyncio.wait_for(conn.stop(layout.pidfile("worker"), timeout=10), 20)
+            self._stopped = True  # nothing of it runs: the server may be kept
         except Exception as e:
             logger.debug("stopping worker %s: %r", self.name, e)
         finally:

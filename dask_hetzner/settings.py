@@ -10,6 +10,7 @@ happens before anything is created.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -57,6 +58,8 @@ STORED = (
     "setup_commands",
     "server_limit",
     "allow_fewer_workers",
+    "no_client_timeout",
+    "max_lifetime",
 )
 # cluster.json files written before the settings record named two fields differently.
 _LEGACY_KEYS = {"scheduler_type": "scheduler_server_type", "worker_type": "worker_server_type"}
@@ -68,8 +71,9 @@ class ClusterSettings:
     location: str
     fallback_locations: tuple[str, ...]
     image: str
-    scheduler_server_type: str
-    worker_server_type: str
+    # Preference lists: tried in order in each location (the location first, then fallbacks).
+    scheduler_server_type: tuple[str, ...]
+    worker_server_type: tuple[str, ...]
     packages: tuple[str, ...]
     connect: str
     allowed_cidrs: tuple[str, ...]
@@ -98,6 +102,13 @@ class ClusterSettings:
     # Where uv gets a Python the image lacks (a mirror's JSON), and uv's python-preference.
     python_downloads_json_url: str | None = None
     python_preference: str | None = None
+    # A retired worker's server is kept (dask stopped) until keep_margin before its next
+    # started hour, for the next scale-up (hetzner.keep-paid-servers, hetzner.keep-margin).
+    keep_paid_servers: bool = False
+    keep_margin: float = 300.0
+    # Enforced on the scheduler's server like idle_timeout (idle.py), without this process.
+    no_client_timeout: float | None = None
+    max_lifetime: float | None = None
 
     @classmethod
     def build(cls, **arguments: Any) -> ClusterSettings:
@@ -118,8 +129,8 @@ class ClusterSettings:
             location=_pick("location", a("location") or None),
             fallback_locations=tuple(_pick("fallback-locations", a("fallback_locations")) or ()),
             image=_pick("image", a("image") or None),
-            scheduler_server_type=_pick("scheduler-server-type", a("scheduler_server_type") or None),
-            worker_server_type=_pick("worker-server-type", a("worker_server_type") or None),
+            scheduler_server_type=_type_list(a("scheduler_server_type"), "scheduler_server_type"),
+            worker_server_type=_type_list(a("worker_server_type"), "worker_server_type"),
             packages=tuple(_pick("packages", a("packages")) or ()),
             connect=connect,
             allowed_cidrs=tuple(_pick("allowed-cidrs", a("allowed_cidrs") or None)),
@@ -139,6 +150,9 @@ class ClusterSettings:
             allow_fewer_workers=bool(_pick("allow-fewer-workers", a("allow_fewer_workers"))),
             python_downloads_json_url=_pick("python-downloads-json-url", a("python_downloads_json_url")),
             python_preference=_python_preference(_pick("python-preference", a("python_preference"))),
+            **_keeping(a("keep_paid_servers"), a("keep_margin")),
+            no_client_timeout=_duration(_pick("no-client-timeout", a("no_client_timeout")), "no_client_timeout"),
+            max_lifetime=_duration(_pick("max-lifetime", a("max_lifetime")), "max_lifetime"),
         )
 
     @classmethod
@@ -161,11 +175,17 @@ class ClusterSettings:
         return [self.location] + [x for x in self.fallback_locations if x != self.location]
 
     @property
+    def self_deleting(self) -> bool:
+        """A policy the scheduler's server enforces on its own (it then holds the token)."""
+        return any(x is not None for x in (self.idle_timeout, self.no_client_timeout, self.max_lifetime))
+
+    @property
     def start_timeout(self) -> float:
         """The bound on a node's whole start: the sum of its phases' timeouts."""
         return sum(self.timeouts[k] for k in config.START_TIMEOUTS)
 
-    def server_type(self, role: str) -> str:
+    def server_types(self, role: str) -> tuple[str, ...]:
+        """The preference list of ``role``'s server types."""
         return self.scheduler_server_type if role == "scheduler" else self.worker_server_type
 
     def replace(self, **changes: Any) -> ClusterSettings:
@@ -182,6 +202,25 @@ def worker_count(workers: Any, n_workers: Any) -> int:
     if not isinstance(count, int) or count < 0:
         raise ValueError(f"workers must be a non-negative integer, got {count!r}")
     return count
+
+
+def workers_to_wait_for(value: Any, count: int) -> int:
+    """How many of ``count`` initial workers the constructor waits for (``wait_for_workers=``
+    or ``hetzner.wait-for-workers``): an int, a fraction of ``count`` (0 < x <= 1), or None
+    for all of them."""
+    if value is None:
+        value = config.get("wait-for-workers")
+    if value is None:
+        return count
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"wait_for_workers must be a worker count or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value <= count:
+            raise ConfigError(f"wait_for_workers must be between 0 and the {count} workers asked for, got {value}")
+        return value
+    if not 0 < value <= 1:
+        raise ConfigError(f"wait_for_workers as a fraction must be in (0, 1], got {value!r}")
+    return min(count, math.ceil(value * count - 1e-9))
 
 
 def check_size(n: int, what: str) -> None:
@@ -236,6 +275,40 @@ def _server_limit(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"server_limit must be a whole number of servers (1 or more), got {value!r}")
     return value
+def _type_list(value: Any, what: str) -> tuple[str, ...]:
+    """A server type or a preference list of them: ``"cx33"``, ``"cx33,cpx32"`` or a list."""
+    if value is None or value == "":  # not given: the configured one, as ever
+        value = _pick(what.replace("_", "-"), None)
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{what} must be a server type name or a list of them, got {value!r}")
+    names = tuple(x.strip() for x in value)
+    if not names or not all(names):
+        raise ConfigError(f"{what} must name at least one server type, got {value!r}")
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ConfigError(f"{what} lists {', '.join(twice)} more than once")
+    return names
+
+
+def _keeping(keep: Any, margin: Any) -> dict[str, Any]:
+    """``keep_paid_servers`` and ``keep_margin`` (a duration >= 0, below one billed hour)."""
+    keep = _pick("keep-paid-servers", keep)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"keep_paid_servers must be true or false, got {keep!r}")
+    value = _pick("keep-margin", margin)
+    text = str(value).strip()
+    try:  # parse_timedelta refuses a sign: "-1m" is a negative margin, said as such below
+        seconds = dask.utils.parse_timedelta(text.lstrip("-"), default="seconds")
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"keep_margin must be a duration, got {value!r}") from None
+    if seconds is not None and text.startswith("-"):
+        seconds = -seconds
+    hour = config.seconds("billing-hour")
+    if seconds is None or not 0 <= seconds < hour:
+        raise ConfigError(f"keep_margin must be at least 0 and below hetzner.billing-hour ({hour:g} s), got {value!r}")
+    return {"keep_paid_servers": keep, "keep_margin": float(seconds)}
 
 
 def _positive(value: Any, what: str) -> float | None:
@@ -253,6 +326,8 @@ def _positive(value: Any, what: str) -> float | None:
 def _duration(value: Any, what: str) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (int, float)):  # seconds (parse_timedelta refuses negative ones)
+        return _positive(value, what)
     try:
         parsed = dask.utils.parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError):

@@ -44,6 +44,9 @@ def sim_config(sim) -> dict:
         # The dask stack only: syncing the test environment (jupyter, sphinx, ...) to every
         # simulated server would only slow the tests; tests/test_job.py covers "sync".
         "hetzner.environment": "minimal",
+        # A retired worker's server is deleted at once in the suite; the tests of keeping paid
+        # servers (tests/test_capacity.py) turn it on.
+        "hetzner.keep-paid-servers": False,
     }
 
 

@@ -219,6 +219,12 @@ def test_host_key_mismatch_refused(sim, monkeypatch):
     "kwargs, match",
     [
         ({"worker_server_type": "cx999"}, "cx23"),
+        # Preference lists: empty, an unknown type (named), two architectures in one list.
+        ({"worker_server_type": []}, "worker_server_type must name at least one server type"),
+        ({"worker_server_type": ["cx33", "cx999", "cpx32"]}, "unknown server type 'cx999' in worker_server_type"),
+        ({"scheduler_server_type": ["cx23", "cax11"]}, r"scheduler_server_type mixes architectures \(arm: cax11; x86: cx23\)"),
+        ({"worker_server_type": "cx33,cx33"}, "lists cx33 more than once"),
+        ({"worker_server_type": ["cx23", "cx33"], "location": "ash"}, "no type of worker_server_type can be ordered in ash"),
         ({"location": "mars1"}, "fsn1"),
         ({"image": "windows-95"}, "ubuntu-24.04"),
         ({"name": "Not_A_Hostname"}, "invalid cluster name"),

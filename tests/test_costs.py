@@ -16,11 +16,22 @@ from dask_hetzner.cost import CostLimitError
 from dask_hetzner.cost import price as _price
 
 
+@pytest.fixture(autouse=True)
+def one_type(sim):
+    """One type per role: the default lists are priced at their dearest type (tested apart)."""
+    with dask.config.set({"hetzner.scheduler-server-type": "cx23", "hetzner.worker-server-type": "cx23"}):
+        yield
+
+
 def hourly(sim, server_type: str, location: str = "fsn1") -> float:
-    """Gross EUR/h as the API says (never hard-coded: Hetzner changes prices)."""
-    t = sdk(sim).server_types.get_by_name(server_type)
+    """Gross EUR/h of a server and its Primary IPv4, as the API says (never hard-coded:
+    Hetzner changes prices)."""
+    client = sdk(sim)
+    t = client.server_types.get_by_name(server_type)
     (price,) = [p for p in t.prices if p["location"] == location]
-    return float(price["price_hourly"]["gross"])
+    primary_ips = client.request("GET", "/pricing")["pricing"]["primary_ips"]
+    (ipv4,) = [p for e in primary_ips if e["type"] == "ipv4" for p in e["prices"] if p["location"] == location]
+    return float(price["price_hourly"]["gross"]) + float(ipv4["price_hourly"]["gross"])
 
 
 
@@ -119,7 +130,7 @@ async def test_html_repr_works_before_start_and_escapes(sim):
         assert "0.0000 EUR/h" in page and "dask-hetzner-servers" in page
         assert "Idle timeout:</strong> off" in page
         # Whatever a server is called, it lands in the page as text, not markup.
-        cluster.context.settings = cluster.settings.replace(worker_server_type="<script>x</script>")
+        cluster.context.settings = cluster.settings.replace(worker_server_type=("<script>x</script>",))
         assert "<script>" not in cluster._repr_html_()
     finally:
         await cluster.close()

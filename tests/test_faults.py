@@ -449,7 +449,7 @@ def test_successor_never_adopts_its_predecessor(fsim, scenario):
                 key = HostKey.generate()
                 reached = await ctx.factory.create_reachable(
                     name=old.name,
-                    server_type=old.server_type,
+                    server_types=[old.server_type],
                     user_data=cloud_config(key),
                     labels=dict(old.labels),
                     host_key=key.public_openssh,

@@ -9,6 +9,7 @@ from .client import Cloud
 from .errors import ActionFailed, CloudError, ConfigError, token_refused
 from .model import (
     LABEL_CLUSTER,
+    LABEL_KEPT_UNTIL,
     LABEL_ROLE,
     LABEL_WORKER,
     ClusterResources,
@@ -24,6 +25,7 @@ from .watcher import LAZY_POLLS, ServerWatcher
 
 __all__ = [
     "LABEL_CLUSTER",
+    "LABEL_KEPT_UNTIL",
     "LABEL_ROLE",
     "LABEL_WORKER",
     "LAZY_POLLS",

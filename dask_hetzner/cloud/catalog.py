@@ -1,4 +1,5 @@
-"""What can be ordered: server types (with their prices and availability), locations, images.
+"""What can be ordered: server types (with their prices, their Primary IPv4's too, and
+availability), locations, images.
 
 Server types and locations are read once per client, on first use; prices are then at hand
 without a request (``cached_server_types``, ``ServerTypeInfo.price``).
@@ -26,10 +27,14 @@ class Catalog:
         async with self._lock:
             if self._types is not None:
                 return
-            types, locations = await asyncio.gather(
+            types, locations, ipv4 = await asyncio.gather(
                 self.retry.call("listing server types", self.sdk.server_types),
                 self.retry.call("listing locations", self.sdk.locations),
+                self.retry.call("reading prices", self.sdk.ipv4_prices),
             )
+            for info in types.values():
+                # Hetzner bills each server's Primary IPv4 on top of the server.
+                info.ipv4 = {loc: ipv4[loc] for loc in info.hourly if loc in ipv4}
             self._locations = locations
             self._types = types
 

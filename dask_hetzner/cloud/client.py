@@ -155,6 +155,10 @@ class Cloud:
     async def servers(self, label_selector: str) -> list[ServerInfo]:
         return await self.clusters.servers(label_selector)
 
+    async def update_server(self, server_id: int, name: str, labels: dict[str, str]) -> ServerInfo:
+        """A server's new name and labels (``PUT /servers/{id}``)."""
+        return await self.clusters.update_server(server_id, name, labels)
+
     async def delete_server(self, server_id: int) -> None:
         """Delete one server; a server that is already gone is fine."""
         await self.clusters.delete_server(server_id)

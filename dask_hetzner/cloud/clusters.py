@@ -40,6 +40,9 @@ class Clusters:
             f"listing servers ({label_selector})", self.sdk.servers, label_selector
         )
 
+    async def update_server(self, server_id: int, name: str, labels: dict[str, str]) -> ServerInfo:
+        return await self.retry.call(f"renaming server {server_id} to {name}", self.sdk.update_server, server_id, name, labels)
+
     async def delete_server(self, server_id: int) -> None:
         """Delete one server; a server that is already gone is fine."""
         try:

@@ -13,6 +13,9 @@ from typing import Literal
 LABEL_CLUSTER = "dask-hetzner/cluster"
 LABEL_ROLE = "dask-hetzner/role"
 LABEL_WORKER = "dask-hetzner/worker"
+# A retired worker's server kept (role "kept") while its started hour is paid: until when
+# (Unix time), so any process can show it.
+LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"
 
 # The labelled resources a cluster shares besides its servers (snapshots are images).
 Kind = Literal["ssh_key", "network", "firewall", "placement_group", "snapshot"]
@@ -46,11 +49,21 @@ class ServerTypeInfo:
     monthly: dict[str, float] = field(default_factory=dict)
     # locations where it can be ordered now
     available: set[str] = field(default_factory=set)
+    # locations where Hetzner recommends it now (``server_types[].locations[].recommended``)
+    recommended: set[str] = field(default_factory=set)
+    # location -> gross EUR per hour of the Primary IPv4 a server gets there (``GET /pricing``)
+    ipv4: dict[str, float] = field(default_factory=dict)
+
+    def billed(self, location: str) -> float | None:
+        """Gross EUR/h Hetzner bills for one server there, its Primary IPv4 included."""
+        if location not in self.hourly:
+            return None
+        return self.hourly[location] + self.ipv4.get(location, 0.0)
 
     def price(self, locations: Sequence[str]) -> float:
-        """Gross EUR/h of one server that may land in any of ``locations`` (fallbacks too):
-        the dearest of those it has a price in; 0.0 if none."""
-        return max((self.hourly[loc] for loc in locations if loc in self.hourly), default=0.0)
+        """Gross EUR/h (Primary IPv4 included) of one server that may land in any of
+        ``locations`` (fallbacks too): the dearest of those it has a price in; 0.0 if none."""
+        return max((self.billed(loc) or 0.0 for loc in locations if loc in self.hourly), default=0.0)
 
 
 @dataclass(frozen=True)

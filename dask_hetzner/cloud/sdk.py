@@ -92,6 +92,8 @@ def _server_type_info(t: Any) -> ServerTypeInfo:
     for entry in t.locations or []:
         if entry.available and not entry.deprecation:
             info.available.add(entry.location.name)
+        if entry.recommended and not entry.deprecation:
+            info.recommended.add(entry.location.name)
     return info
 
 
@@ -189,6 +191,17 @@ class Sdk:
         found: list[Any] = self._client.server_types.get_all()
         return {t.name: _server_type_info(t) for t in found}
 
+    def ipv4_prices(self) -> dict[str, float]:
+        """Gross EUR/h of a Primary IPv4 by location. hcloud 2.27 has no pricing client:
+        ``GET /pricing`` through its generic request (the spec's ``get_pricing``)."""
+        body: dict[str, Any] = self._client.request("GET", "/pricing")
+        return {
+            p["location"]: float(p["price_hourly"]["gross"])
+            for entry in body["pricing"]["primary_ips"]
+            if entry["type"] == "ipv4"
+            for p in entry["prices"]
+        }
+
     def locations(self) -> dict[str, LocationInfo]:
         found: list[Any] = self._client.locations.get_all()
         return {loc.name: LocationInfo(loc.name, loc.city, loc.network_zone) for loc in found}
@@ -278,6 +291,10 @@ class Sdk:
     def delete(self, kind: Kind, resource_id: int) -> None:
         attribute, ref = _KINDS[kind]
         getattr(self._client, attribute).delete(ref(id=resource_id))
+
+    def update_server(self, server_id: int, name: str, labels: dict[str, str]) -> ServerInfo:
+        """``PUT /servers/{id}``: a new name and labels (a kept server taken by a new worker)."""
+        return _server_info(self._client.servers.update(Server(id=server_id), name=name, labels=labels))
 
     def delete_server(self, server_id: int) -> None:
         self._client.servers.delete(Server(id=server_id))

@@ -18,6 +18,7 @@ from ..payload import Payload, Snapshot
 from ..security import ClusterCA, SSHKeyPair, TLSCert
 from ..settings import ClusterSettings
 from ..state import Secrets
+from .kept import KeptServers
 from .meeting import SchedulerAddress
 from .pins import HostKeyPins
 from .servers import Login, ServerFactory
@@ -89,6 +90,7 @@ class ClusterContext:
         self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh)
         self.ssh = Login(settings.ssh_port, keys.ssh_key.private_openssh, settings.timeouts["ssh"])
         self.factory = ServerFactory(cloud, settings, self.shared, self.watcher, self.pins, self.ssh)
+        self.kept = KeptServers(self.factory, settings.keep_margin)  # retired workers' paid servers
         self.scheduler = SchedulerAddress(settings.start_timeout)
 
     def bootstrap_script(self, role: str, snap: Snapshot) -> str:

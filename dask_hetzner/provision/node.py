@@ -82,6 +82,10 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     labels = {LABEL_CLUSTER: ctx.settings.name, LABEL_ROLE: role}
     if role == "worker":
         labels[LABEL_WORKER] = name
+        if ctx.settings.keep_paid_servers:
+            reused = await _reuse_kept(ctx, name, labels, options)
+            if reused is not None:
+                return reused
     reached: Reached | None = None
     announce: asyncio.Future[None] | None = None
     try:
@@ -97,7 +101,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
         # Deletes its server itself on failure (and retries a create action that failed).
         reached = await ctx.factory.create_reachable(
             name=server_name(ctx.settings.name, name, role),
-            server_type=ctx.settings.server_type(role),
+            server_types=ctx.settings.server_types(role),
             user_data=cloud_config(host_key, userdata.sshd_port(ctx.settings.ssh_port)),
             labels=labels,
             host_key=host_key.public_openssh,
@@ -139,6 +143,29 @@ async def _scheduler_first(ctx: ClusterContext, name: str) -> None:
         await asyncio.wait_for(ctx.factory.scheduler_recorded.wait(), timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(f"worker {name}: the scheduler's server was not created within {timeout:g} s") from None
+async def _reuse_kept(
+    ctx: ClusterContext, name: str, labels: dict[str, str], options: dict[str, Any]
+) -> Prepared | None:
+    """A kept server (paid, idle) restarted as worker ``name``: no create, boot or bootstrap.
+    One that fails is deleted and the next tried; None when none is left."""
+    while (entry := await ctx.kept.take(server_name(ctx.settings.name, name, "worker"), labels)) is not None:
+        server = entry.server
+        ctx.report(name, f"restarting kept server {server.name}")
+        conn: remote.Remote | None = None
+        try:
+            assert server.public_ip, f"server {server.name} has no public IPv4"
+            conn = await ctx.ssh(server.public_ip, entry.host_key_public, retry_for=ctx.settings.timeouts["ssh"])
+            prepared = Prepared(server, entry.host_key_public, conn, {}, time.time())
+            await launch_worker(ctx, prepared, name, options)
+            return prepared
+        except BaseException as e:
+            if conn is not None:
+                await quietly(conn.close())
+            await asyncio.shield(ctx.factory.delete(server, wait=False))
+            if not isinstance(e, Exception):
+                raise
+            logger.warning("worker %s: kept server %s could not be restarted (%s); deleted", name, server.name, e)
+    return None
 
 
 async def _undo(ctx: ClusterContext, reached: Reached | None, announce: asyncio.Future[None] | None) -> None:
@@ -219,7 +246,8 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     assert ip, f"server {p.server.name} has no private network address"
     await launch.write_tls(ctx.ca, p.conn, f"dask-worker-{name}", [ip])
     preload = await early_start.install(p.conn)
-    server_type = (await ctx.cloud.server_types())[ctx.settings.worker_server_type]
+    # Threads and memory follow the type this server got (a preference list may mix sizes).
+    server_type = (await ctx.cloud.server_types())[p.server.server_type]
     # What the server really has (MemTotal), unless the user chose: see memory.py.
     measured = {} if "memory_limit" in options else {"memory_limit": await memory.measured_limit(p.conn)}
     options = {**launch.worker_defaults(server_type), **measured, **options}

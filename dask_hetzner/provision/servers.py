@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import remote
+from .. import config, remote
 from ..aio import cancelled
+from ..bill import Bill
 from ..cloud import (
     LABEL_ROLE,
     LABEL_WORKER,
@@ -26,6 +27,7 @@ from ..cloud import (
     ServerInfo,
     ServerWatcher,
 )
+from ..cloud.preferences import Skipped, candidates
 from ..settings import ClusterSettings
 from .limits import WHERE_TO_RAISE, ServerLimitReached, is_limit
 from .pins import HostKeyPins
@@ -139,6 +141,7 @@ class ServerFactory:
         self.limit_hit: ServerLimitReached | None = None
         self.limit_event = asyncio.Event()
         self.scheduler_recorded = asyncio.Event()  # its server exists (allow-fewer-workers)
+        self.bill = Bill(config.seconds("billing-hour"))  # every server created, deleted ones too
 
     def begin_closing(self) -> None:
         """The whole cluster is being deleted: teardown confirms every deletion at once."""
@@ -150,27 +153,17 @@ class ServerFactory:
         if server.labels.get(LABEL_ROLE) == "scheduler":
             self.scheduler_recorded.set()
 
-    def _locations(self, server_type: str) -> list[str]:
-        # A type sold out in a location stays so for a while: later servers go elsewhere first,
-        # and so do they where the catalog read at the start says it cannot be ordered.
-        preferred = self.settings.locations
-        types = self.cloud.cached_server_types() or {}
-        info = types.get(server_type)
-        first = [
-            x for x in preferred
-            if (server_type, x) not in self._sold_out and (info is None or x in info.available)
-        ]  # fmt: skip
-        return first + [x for x in preferred if x not in first]
-
     async def create(
-        self, *, name: str, server_type: str, user_data: str, labels: dict[str, str]
+        self, *, name: str, server_types: Sequence[str], user_data: str, labels: dict[str, str]
     ) -> ServerInfo:
-        """POST one server: in the location, else a same-zone fallback; a new placement group
-        when one is full."""
+        """POST one server: the first type of the list that can be had, in the location, else
+        a same-zone fallback (``preferences.candidates``); a new placement group when one is full."""
         assert self.shared.ready, "the shared resources are not created yet"
-        locations = self._locations(server_type)
+        catalog = await self.cloud.server_types()
+        pairs, skipped = candidates(catalog, server_types, self.settings.locations, self._sold_out)
+        refused: list[str] = []
         last: CloudError | None = None
-        for location in locations:
+        for server_type, location in pairs:
             for _ in range(3):
                 group = await self.shared.group_for(name)
                 try:
@@ -183,7 +176,11 @@ class ServerFactory:
                         self.shared.mark_full(group)
                         continue
                     if e.code == "resource_unavailable" or not_offered(e):
+                        # Sold out (or, the catalog being stale, not sold) here: later
+                        # servers try this pair last.
                         self._sold_out.add((server_type, location))
+                        why = "is not offered in" if not_offered(e) else "is unavailable in"
+                        refused.append(f"server type {server_type} {why} {location}")
                         break
                     if is_limit(e):
                         raise self._limit_reached(name, e) from None
@@ -193,9 +190,10 @@ class ServerFactory:
                     raise
                 self._sold_out.discard((server_type, location))
                 self.record(server)
+                info = catalog.get(server.server_type)
+                self.bill.opened(server.id, server.name, info.billed(server.location) if info else None)
                 return server
-        assert last is not None
-        raise self._nothing_fits(name, server_type, locations, last)
+        raise self._nothing_fits(name, refused, skipped, last)
 
     async def _post(
         self, name: str, server_type: str, location: str, group: int, user_data: str, labels: dict[str, str]
@@ -229,28 +227,27 @@ class ServerFactory:
             self.limit_event.set()
         return error
 
-    def _nothing_fits(self, name: str, server_type: str, tried: list[str], last: CloudError) -> CloudError:
-        if not_offered(last):
-            return CloudError(
-                f"creating server {name}: server type {server_type} is not offered in "
-                f"{', '.join(tried)} (dask-hetzner types lists where each type is sold)",
-                last.code,
-                last.api_message,
-            )
-        if last.code != "resource_unavailable":
+    def _nothing_fits(
+        self, name: str, refused: list[str], skipped: list[Skipped], last: CloudError | None
+    ) -> CloudError:
+        """One message naming every type × location tried (412) or skipped (catalog)."""
+        if last is not None and last.code != "resource_unavailable" and not not_offered(last):
             return last
         hint = "" if self.settings.fallback_locations else " (set fallback_locations to try others)"
+        if last is not None and not_offered(last):
+            hint += " (dask-hetzner types lists where each type is sold)"
+        tried = "; ".join(refused + [f"skipped {x}" for x in skipped])
         return CloudError(
-            f"creating server {name}: server type {server_type} is unavailable in {', '.join(tried)}{hint}",
-            last.code,
-            last.api_message,
+            f"creating server {name}: no server type could be had: {tried}{hint}",
+            "resource_unavailable",
+            last.api_message if last is not None else "nothing orderable",
         )
 
     async def create_reachable(
         self,
         *,
         name: str,
-        server_type: str,
+        server_types: Sequence[str],
         user_data: str,
         labels: dict[str, str],
         host_key: str,
@@ -263,8 +260,8 @@ class ServerFactory:
         more before giving up. ``on_created`` runs once the API has answered the create.
         """
         for attempt in (1, 2):
-            server = await self._create_anew(name, server_type, user_data, labels)
-            what = f"creating server {name} ({server_type} in {server.location})"
+            server = await self._create_anew(name, server_types, user_data, labels)
+            what = f"creating server {name} ({server.server_type} in {server.location})"
             located = asyncio.ensure_future(self._located(server, what))
             try:
                 if on_created is not None:
@@ -294,15 +291,15 @@ class ServerFactory:
         raise AssertionError("unreachable")
 
     async def _create_anew(
-        self, name: str, server_type: str, user_data: str, labels: dict[str, str]
+        self, name: str, server_types: Sequence[str], user_data: str, labels: dict[str, str]
     ) -> ServerInfo:
-        server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+        server = await self.create(name=name, server_types=server_types, user_data=user_data, labels=labels)
         while server.id in self._deleted:
             # "Adopted" the predecessor being deleted: let it go, then create anew.
             await self.watcher.wait_gone(
                 server.id, timeout=self.settings.timeouts["close"], worker=labels.get(LABEL_WORKER)
             )
-            server = await self.create(name=name, server_type=server_type, user_data=user_data, labels=labels)
+            server = await self.create(name=name, server_types=server_types, user_data=user_data, labels=labels)
         return server
 
     def _located(self, server: ServerInfo, what: str) -> Awaitable[ServerInfo]:
@@ -358,6 +355,7 @@ class ServerFactory:
         self._deleted.add(server.id)
         self.servers.pop(server.name, None)
         await self.cloud.delete_server(server.id)
+        self.bill.closed(server.id)
         await self.pins.forget(server)
         if wait:
             await self.watcher.wait_gone(
@@ -392,6 +390,7 @@ class ServerFactory:
     def forget_all(self) -> None:
         """Teardown confirmed that every server of the cluster is gone."""
         self.servers.clear()
+        self.bill.close_all()
 
     async def stop_confirming(self) -> None:
         """Teardown lists and deletes everything anyway: the background confirmations stop."""

@@ -60,6 +60,7 @@ class Provisioner:
         """Delete everything carrying this cluster's label and wait until the API confirms."""
         ctx = self.ctx
         await self.cancel_all()
+        await ctx.kept.clear()  # kept servers carry the label: deleted below
         await ctx.factory.stop_confirming()  # the listing below covers them
         ctx.watcher.stop()
         await ctx.cloud.delete_cluster(ctx.settings.name, timeout=ctx.settings.timeouts["close"])

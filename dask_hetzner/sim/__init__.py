@@ -316,6 +316,13 @@ class Simulator:
         """``resources()`` without the empty kinds: ``{}`` when nothing is left."""
         return {kind: items for kind, items in self.resources().items() if items}
 
+    def bill(self, cluster: str | None = None) -> dict[str, Any]:
+        """What Hetzner would bill so far (EUR gross, started server-hours, per server), for
+        the servers of ``cluster`` (by its label) or of the whole project; deleted ones included."""
+        assert self.store is not None, "simulator not started"
+        selector = f"dask-hetzner/cluster={cluster}" if cluster else None
+        return self._call(lambda: self.store.server_store.ledger.bill(selector))  # type: ignore[union-attr]
+
     def timings(self, server_id: int) -> dict[str, Any]:
         """What was drawn for a server and when each phase ended (``time.time()``)."""
         assert self.store is not None, "simulator not started"

@@ -10,6 +10,7 @@ from typing import Any
 
 from .catalog import LOCATIONS, LOCATIONS_BY_ID, SERVER_TYPES, SERVER_TYPES_BY_ID
 from .listing import BASIC_SORT, labelled, name_filter, paginate, selector_filter, sort_items
+from .pricing import pricing_json
 from .replies import Ctx, Handler, Reply
 from .store import Action, ApiError, not_found
 from .store.views import server_type_json
@@ -107,6 +108,10 @@ def h_server_type(ctx: Ctx) -> Reply:
     if st is None:
         raise not_found("server type")
     return Reply(200, {"server_type": server_type_json(st)})
+
+
+def h_pricing(ctx: Ctx) -> Reply:
+    return Reply(200, pricing_json())
 
 
 def h_locations(ctx: Ctx) -> Reply:

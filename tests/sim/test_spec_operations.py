@@ -144,6 +144,10 @@ def test_every_operation_validates_and_parses(tsim):
         assert own, kind
         status, body = raw("GET", f"/{kind}/{rid}/actions/{own[0].id}", f"get_{kind[:-1]}_action")
         assert status == 200 and BoundAction(c.actions, body["action"]).id == own[0].id
+    # GET /pricing (no SDK client in hcloud 2.27): server types and Primary IPs, per location.
+    status, body = raw("GET", "/pricing", "get_pricing")
+    ipv4 = [e for e in body["pricing"]["primary_ips"] if e["type"] == "ipv4"][0]["prices"]
+    assert status == 200 and {p["location"] for p in ipv4} == {loc.name for loc in c.locations.get_all()}
     ids = [a.id for a in server_actions[:3]]
     status, body = raw("GET", "/actions", "get_actions", params=[("id", i) for i in ids])
     assert status == 200 and [BoundAction(c.actions, a).id for a in body["actions"]] == ids

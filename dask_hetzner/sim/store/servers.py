@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import catalog
 from ..catalog import Image, Location, ServerType
+from ..pricing import Ledger
 from ..schema import FieldError
 from ..timing import ServerTimings
 from .actions import Action, Core
@@ -139,6 +140,8 @@ class ServerStore:
         self.server_limit = server_limit
         self.items = table  # shared with the kinds that look servers up
         self.timings: dict[int, ServerTimings] = {}
+        # The bill: an hour is time-scaled like every other duration (0: real hours).
+        self.ledger = Ledger(3600.0 * (core.timing.time_scale or 1.0))
 
     def get(self, server_id: int) -> Server:
         return get_or_404(self.items, server_id, "server")
@@ -222,6 +225,9 @@ class ServerStore:
         self.items[server.id] = server
         self.timings[server.id] = server.timings
         self.core.names["server"][server.name] = server.id
+        self.ledger.opened(
+            server.id, server.name, server.labels, server.server_type, server.location.name, server.ipv4 is not None
+        )
         for net in refs.networks:
             self.networks.attach(server, net)
         for fw in refs.firewalls:
@@ -250,6 +256,7 @@ class ServerStore:
     def remove(self, server: Server) -> None:
         """Forget a server and everything that pointed at it."""
         self.items.pop(server.id, None)
+        self.ledger.closed(server.id)
         if self.core.names["server"].get(server.name) == server.id:
             del self.core.names["server"][server.name]
         self.networks.detach_all(server)

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Capacity benchmarks (issue 14) on the simulator's ``realistic`` profile, time-scaled.
+
+    python benchmarks/capacity.py                       # both, time scale 0.1
+    python benchmarks/capacity.py --only bursty --bursts 4
+    python benchmarks/capacity.py --only first --workers 50
+
+* bursty: bursts of work that each want 8 workers, 10 simulated minutes apart, under
+  ``adapt(minimum=1, maximum=8)``; the bill (the simulator's, every started hour of every
+  server) and each burst's time from work arriving to its 8 workers running, with
+  ``keep-paid-servers`` on and off. An hour and the keep margin are time-scaled like every
+  other duration (``hetzner.billing-hour`` = 3600 s x the scale).
+* first: time to first result (constructor called to one task's result) with
+  ``wait_for_workers=1`` at N workers, against the same with one worker (the floor: the
+  scheduler plus its first worker).
+
+Measurements, not assertions: ``benchmarks/results/capacity.json`` and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from run import RESULTS, SimProcess, free_port, machine
+
+GOALS = {"bill_ratio": 0.5, "reuse_scale_up_s": 3.0, "first_result_ratio": 1.1}
+
+
+def settings(sim: SimProcess, scale: float, keep: bool) -> dict[str, Any]:
+    return {
+        "hetzner.token": sim.token,
+        "hetzner.api-endpoint": sim.endpoint,
+        "hetzner.ssh-port": 22,
+        "hetzner.scheduler-port": free_port(),
+        "hetzner.dashboard-port": 0,
+        "hetzner.api.poll-interval": f"{max(0.05, 1.0 * scale)}s",
+        "hetzner.api.backoff-base": f"{max(0.05, 1.0 * scale)}s",
+        "hetzner.worker-server-type": "cx23",
+        "hetzner.scheduler-server-type": "cx23",
+        "hetzner.billing-hour": f"{3600 * scale}s",
+        "hetzner.keep-margin": f"{300 * scale}s",
+        "hetzner.keep-paid-servers": keep,
+    }
+
+
+async def _workers(client: Any) -> int:
+    return len(await client.scheduler.ncores())  # every worker (scheduler_info shows only 5)
+
+
+async def bursty(sim: SimProcess, scale: float, bursts: int, keep: bool, timeout: float) -> dict[str, Any]:
+    import dask
+    from distributed import Client
+
+    from dask_hetzner import HetznerCluster
+
+    name = f"burst{'keep' if keep else 'new'}"
+    gap = 600 * scale  # 10 simulated minutes, start to start
+    out: dict[str, Any] = {"keep": keep, "bursts": []}
+    with dask.config.set(settings(sim, scale, keep)):
+        cluster = await HetznerCluster(workers=1, name=name, asynchronous=True)
+        client = await Client(cluster, asynchronous=True)
+        try:
+            cluster.adapt(minimum=1, maximum=8, interval="500ms", wait_count=2, target_duration="2s")
+            start = time.time()
+            for i in range(bursts):
+                await asyncio.sleep(max(0.0, start + i * gap - time.time()))  # the trace's schedule
+                posts = (await sim.ask("stats"))["ok"].get("POST /servers", 0)
+                t0 = time.monotonic()
+                # 400 one-second tasks: 25 s on 8 workers of 2 threads, 200 s on one.
+                futures = client.map(time.sleep, [1.0] * 400, pure=False)
+                done = asyncio.ensure_future(client.gather(futures))
+                scaled, most = None, 0
+                while not done.done():
+                    most = max(most, await _workers(client))
+                    if scaled is None and most >= 8:
+                        scaled = time.monotonic() - t0
+                    await asyncio.wait([done], timeout=0.1)  # the measurement's polling interval
+                await done
+                created = (await sim.ask("stats"))["ok"].get("POST /servers", 0) - posts
+                out["bursts"].append(
+                    {
+                        "to_8_workers_s": None if scaled is None else round(scaled, 2),
+                        "most_workers": most,
+                        "burst_s": round(time.monotonic() - t0, 1),
+                        "servers_created": created,
+                    }
+                )
+            bill = await sim.ask(f"bill {name}")
+            out.update(eur=bill["eur"], server_hours=bill["server_hours"], client_cost=cluster.cost)
+        finally:
+            await client.close()
+            await cluster.close()
+    return out
+
+
+async def first_result(sim: SimProcess, scale: float, n: int, timeout: float) -> float:
+    import dask
+    from distributed import Client
+
+    from dask_hetzner import HetznerCluster
+
+    with dask.config.set(settings(sim, scale, False)):
+        t0 = time.monotonic()
+        cluster = await HetznerCluster(workers=n, name=f"first{n}", wait_for_workers=1, asynchronous=True)
+        client = await Client(cluster, asynchronous=True)
+        try:
+            assert await asyncio.wait_for(client.submit(sum, [20, 22]).result(), timeout) == 42
+            return time.monotonic() - t0
+        finally:
+            await client.close()
+            await cluster.close()
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = []
+    if "bursty" in r:
+        lines += [
+            "| keep-paid-servers | bill (EUR) | server-hours | time to 8 workers per burst (s) | servers created per burst | burst length (s) |",
+            "|---|---:|---:|---|---|---|",
+        ]
+        for mode in ("on", "off"):
+            b = r["bursty"][mode]
+            times = ", ".join("-" if x["to_8_workers_s"] is None else str(x["to_8_workers_s"]) for x in b["bursts"])
+            made = ", ".join(str(x["servers_created"]) for x in b["bursts"])
+            length = ", ".join(str(x["burst_s"]) for x in b["bursts"])
+            lines.append(f"| {mode} | {b['eur']:.4f} | {b['server_hours']} | {times} | {made} | {length} |")
+        lines.append(f"\nbill ratio on/off: {r['bursty']['bill_ratio']:.2f} (goal <= {GOALS['bill_ratio']})")
+    if "first" in r:
+        f = r["first"]
+        lines.append(
+            f"\ntime to first result: {f['workers']} workers with wait_for_workers=1 {f['n_s']:.1f} s, "
+            f"1 worker {f['one_s']:.1f} s: ratio {f['ratio']:.2f} (goal <= {GOALS['first_result_ratio']})"
+        )
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"time_scale": args.time_scale, "seed": args.seed, "machine": machine()}
+    sim = SimProcess(args.time_scale, args.seed)
+    try:
+        if args.only in (None, "bursty"):
+            on = await bursty(sim, args.time_scale, args.bursts, True, args.timeout)
+            off = await bursty(sim, args.time_scale, args.bursts, False, args.timeout)
+            results["bursty"] = {"on": on, "off": off, "bill_ratio": on["eur"] / off["eur"]}
+        if args.only in (None, "first"):
+            one = await first_result(sim, args.time_scale, 1, args.timeout)
+            n = await first_result(sim, args.time_scale, args.workers, args.timeout)
+            results["first"] = {"workers": args.workers, "one_s": one, "n_s": n, "ratio": n / one}
+        results["leaks"] = await sim.ask("leaks")
+    finally:
+        sim.close()
+    return results
+
+
+def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("dask_hetzner").setLevel(logging.INFO)  # keeping, taking, deleting
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["bursty", "first"], default=None)
+    parser.add_argument("--bursts", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=50, help="workers of the time-to-first-result run")
+    parser.add_argument("--time-scale", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

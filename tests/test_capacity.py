@@ -1,0 +1,237 @@
+"""Capacity and the bill: server-type preference lists that survive sold-out types.
+
+Sold-out types are injected per server type (``resource_unavailable`` with ``server_type=``,
+docs/simulator.md); a type the catalog shows unavailable must be skipped without a request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import pytest
+from distributed import Client
+from support import sdk, servers_of, wait_until
+
+from dask_hetzner import HetznerCluster, list_clusters
+from dask_hetzner.bill import Bill
+from dask_hetzner.cloud import LABEL_ROLE, ConfigError, ServerTypeInfo
+from dask_hetzner.cloud.preferences import candidates
+from dask_hetzner.settings import workers_to_wait_for
+
+FAST = {
+    "hetzner.api.backoff-base": "20ms",
+    "hetzner.api.backoff-max": "500ms",
+    "hetzner.timeouts.server-create": "20s",
+    "hetzner.timeouts.ssh": "20s",
+}
+
+
+def _type(name: str, **kw: object) -> ServerTypeInfo:
+    return ServerTypeInfo(name, 2, 4, 40, "x86", "shared", False, **kw)  # type: ignore[arg-type]
+
+
+def test_candidates_location_first_catalog_skips_and_sold_out_last():
+    types = {
+        "a": _type("a", hourly={"fsn1": 0.01, "nbg1": 0.01}, available={"fsn1", "nbg1"}),
+        "b": _type("b", hourly={"fsn1": 0.02, "nbg1": 0.02}, available={"nbg1"}),  # sold out in fsn1
+        "c": _type("c", hourly={"fsn1": 0.03}, available={"fsn1"}),  # not offered in nbg1
+    }
+    pairs, skipped = candidates(types, ["a", "b", "c"], ["fsn1", "nbg1"])
+    assert pairs == [("a", "fsn1"), ("c", "fsn1"), ("a", "nbg1"), ("b", "nbg1")]
+    assert [str(x) for x in skipped] == [
+        "b in fsn1: unavailable (catalog)",
+        "c in nbg1: not offered there",
+    ]
+    # A pair that answered 412 lately is tried last, the others keep their order.
+    pairs, _ = candidates(types, ["a", "b", "c"], ["fsn1", "nbg1"], {("a", "fsn1")})
+    assert pairs == [("c", "fsn1"), ("a", "nbg1"), ("b", "nbg1"), ("a", "fsn1")]
+
+
+def gross_hourly(sim, server_type: str, location: str = "fsn1") -> tuple[float, float]:
+    """(server, its Primary IPv4) in gross EUR/h, as the API says (``GET /pricing``)."""
+    client = sdk(sim)
+    t = client.server_types.get_by_name(server_type)
+    (price,) = [p for p in t.prices if p["location"] == location]
+    pricing = client.request("GET", "/pricing")["pricing"]
+    (ipv4,) = [
+        p for e in pricing["primary_ips"] if e["type"] == "ipv4" for p in e["prices"] if p["location"] == location
+    ]
+    return float(price["price_hourly"]["gross"]), float(ipv4["price_hourly"]["gross"])
+
+
+def test_bill_counts_every_started_hour():
+    bill = Bill(hour=3600.0)
+    bill.opened(1, "a", 0.01)
+    bill.opened(1, "a", 0.05)  # an adopted retry of the same create: one line
+    bill.opened(2, "b", 0.02)
+    bill.lines[2].created -= 7200.5  # created two hours and a bit ago: three started hours
+    bill.closed(1)
+    assert bill.server_hours == 1 + 3
+    assert bill.total == pytest.approx(0.01 + 3 * 0.02)
+    assert bill.paid_until(2) == pytest.approx(bill.lines[2].created + 3 * 3600.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sold_out_type_falls_through_the_list_and_the_bill_is_hetzners(sim, caplog):
+    """cx22 (deprecated: unavailable in the catalog) is never asked for; cx33 is sold out
+    (412 per server type); the workers get cpx22 and their threads follow it. The bill
+    counts every server created (a retired one too) with its Primary IPv4, as the simulator
+    bills it."""
+    never = sim.inject("resource_unavailable", server_type="cx22", probability=0.0)
+    sold_out = sim.inject("resource_unavailable", server_type="cx33")
+    with dask.config.set(FAST):
+        cluster = HetznerCluster(
+            workers=2, name="cap1", scheduler_server_type="cx23",
+            worker_server_type=["cx22", "cx33", "cpx22"],
+        )  # fmt: skip
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert never.seen == 0, "a type the catalog shows unavailable was requested"
+            assert sold_out.hits >= 1
+            got = {s.name: s.server_type.name for s in servers_of(sim, "cap1")}
+            assert got == {"cap1-scheduler": "cx23", "cap1-worker-0": "cpx22", "cap1-worker-1": "cpx22"}
+            # cx33 (first orderable) has 4 vCPUs and 8 GB; cpx22, which they got, 2 and 4 GB.
+            workers = client.scheduler_info()["workers"].values()
+            assert {w["nthreads"] for w in workers} == {2}
+            assert {w["memory_limit"] for w in workers} == {int(4 * 0.9 * 1024) * 2**20}
+            assert "workers=2 (2 cpx22)" in repr(cluster)
+            page = cluster._repr_html_()
+            assert "workers cx22 &gt; cx33 &gt; cpx22" in page and ">cpx22<" in page
+            (info,) = [c for c in list_clusters() if c.name == "cap1"]
+            assert info.types == "scheduler: 1 cx23; workers: 2 cpx22"
+
+            (scheduler, ipv4), (worker, _) = gross_hourly(sim, "cx23"), gross_hourly(sim, "cpx22")
+            assert ipv4 > 0
+            assert cluster.hourly_cost == pytest.approx(scheduler + 2 * worker + 3 * ipv4)
+            assert info.hourly_cost == pytest.approx(cluster.hourly_cost)
+            assert info.billed == pytest.approx(cluster.hourly_cost)  # one started hour each
+            cluster.scale(1)
+            wait_until(lambda: len(servers_of(sim, "cap1")) == 2, timeout=60, what="a retired worker's server deleted")
+            billed = scheduler + 2 * worker + 3 * ipv4  # the deleted server's hour is paid
+            assert cluster.hourly_cost == pytest.approx(scheduler + worker + 2 * ipv4)
+            assert (cluster.cost, cluster.server_hours) == (pytest.approx(billed), 3)
+            hetzner = sim.bill("cap1")
+            assert (hetzner["eur"], hetzner["server_hours"]) == (pytest.approx(billed, abs=1e-9), 3)
+            assert f"cost {billed:.4f} EUR" in repr(cluster)
+            assert f"billed so far {billed:.4f} EUR for 3 server-hours" in cluster._repr_html_()
+            with caplog.at_level("INFO", logger="dask_hetzner"):
+                cluster.close()
+    assert servers_of(sim, "cap1") == []
+    assert f"this cluster cost {billed:.4f} EUR for 3 server-hours" in caplog.text
+    assert sim.bill("cap1")["server_hours"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_nothing_fits_names_every_type_and_location(sim):
+    sim.inject("resource_unavailable")  # every type, everywhere
+    types = ["cx22", "cx33", "cpx22"]
+    t0 = time.monotonic()
+    with dask.config.set(FAST), pytest.raises(Exception, match="no server type could be had") as info:
+        HetznerCluster(
+            workers=1, name="cap2", scheduler_server_type=types, worker_server_type=types,
+            fallback_locations=["nbg1"],
+        )  # fmt: skip
+    message = str(info.value)
+    for pair in ("cx33 is unavailable in fsn1", "cpx22 is unavailable in fsn1",
+                 "cx33 is unavailable in nbg1", "cpx22 is unavailable in nbg1"):  # fmt: skip
+        assert f"server type {pair}" in message, message
+    assert "skipped cx22 in fsn1: deprecated" in message and "skipped cx22 in nbg1: deprecated" in message
+    assert time.monotonic() - t0 < 60
+    wait_until(lambda: sim.leaks() == {}, timeout=30, what="the rollback")
+
+
+def _by_role(sim, cluster: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in servers_of(sim, cluster):
+        out.setdefault(s.labels[LABEL_ROLE], []).append(s)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
+    """A retired worker's server is kept (dask stopped) and taken by the next scale-up: same
+    server id, no create. Kept past its time it goes; close deletes a kept server too.
+    A billed hour is 300 s here (the simulator's and the client's alike)."""
+    keep = {**FAST, "hetzner.keep-paid-servers": True, "hetzner.billing-hour": "300s", "hetzner.keep-margin": "10s"}
+    with dask.config.set(keep):
+        cluster = HetznerCluster(workers=1, name="keep1", scheduler_server_type="cx23", worker_server_type="cx23")
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            (first,) = _by_role(sim, "keep1")["worker"]
+            posts = sim.stats.requests["POST /servers"]
+
+            cluster.scale(0)
+            wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the retired worker's server kept")
+            assert not client.scheduler_info()["workers"]
+            assert [s.id for s in _by_role(sim, "keep1")["kept"]] == [first.id]
+            assert "1 kept (paid, idle until " in repr(cluster)
+            assert "paid, idle until " in cluster._repr_html_()
+            (info,) = [c for c in list_clusters() if c.name == "keep1"]
+            assert "kept: 1 (paid, idle until " in info.types and info.workers == 0
+            (price, ipv4) = gross_hourly(sim, "cx23")
+            assert cluster.hourly_cost == pytest.approx(2 * (price + ipv4)), "a kept server is billed"
+
+            cluster.scale(1)  # worker-1 takes the kept server: no create, no boot, no bootstrap
+            client.wait_for_workers(1, timeout=60)
+            (worker,) = client.scheduler_info()["workers"].values()
+            (taken,) = _by_role(sim, "keep1")["worker"]
+            assert (taken.id, taken.name, worker["name"]) == (first.id, "keep1-worker-1", "worker-1")
+            assert worker["host"] == taken.private_net[0].ip
+            assert sim.stats.requests["POST /servers"] == posts
+
+            # Its paid hour ends 8 s after it is retired (the margin set so): kept, then deleted.
+            kept = cluster.context.kept
+            kept.margin = cluster.context.factory.bill.paid_until(first.id) - time.time() - 8
+            cluster.scale(0)
+            wait_until(
+                lambda: first.id not in {s.id for s in servers_of(sim, "keep1")},
+                timeout=60, what="a kept server deleted before its next started hour",
+            )  # fmt: skip
+            kept.margin = 10
+            cluster.scale(1)  # nothing kept: created anew
+            client.wait_for_workers(1, timeout=120)
+            assert sim.stats.requests["POST /servers"] == posts + 1
+            cluster.scale(0)
+            wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the last worker's server kept")
+            assert cluster.server_hours == sim.bill("keep1")["server_hours"] == 3
+        # close() deleted the kept server too (the fixture checks nothing is left).
+    assert servers_of(sim, "keep1") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_wait_for_workers_returns_early_and_names_a_late_failure(sim, caplog):
+    """wait_for_workers=1 of 3: the constructor returns with worker-0 up while worker-1 still
+    boots (slow_boot) ; worker-1 joins later; worker-2's create fails twice (action_error):
+    named in an error, dropped from the plan, its server deleted."""
+    # Later than the scheduler's own start (workers boot alongside it); below the ssh bound (60 s).
+    sim.inject("slow_boot", name="wfw-worker-1", delay=50)
+    sim.inject("action_error", name="wfw-worker-2")
+    with caplog.at_level("ERROR", logger="dask_hetzner"):
+        cluster = HetznerCluster(workers=3, name="wfw", wait_for_workers=1, worker_server_type="cx23")
+        with cluster, Client(cluster) as client:
+            up = {w["name"] for w in client.scheduler_info()["workers"].values()}
+            assert "worker-0" in up and "worker-1" not in up, up
+            client.wait_for_workers(2, timeout=120)
+            wait_until(lambda: "worker-2" not in cluster.worker_spec, timeout=60, what="the failed worker dropped")
+            assert {w["name"] for w in client.scheduler_info()["workers"].values()} == {"worker-0", "worker-1"}
+            assert "workers ['worker-2'] failed to start" in caplog.text
+            assert {s.name for s in servers_of(sim, "wfw")} == {"wfw-scheduler", "wfw-worker-0", "wfw-worker-1"}
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [(-1, "between 0 and the 2 workers"), (3, "between 0 and the 2 workers"), (1.5, r"fraction must be in \(0, 1\]"),
+     (True, "worker count or a fraction"), ("half", "worker count or a fraction")],
+)  # fmt: skip
+def test_bad_wait_for_workers_refused(sim, value, match):
+    with pytest.raises(ConfigError, match=match):
+        HetznerCluster(workers=2, name="wfwbad", wait_for_workers=value)
+    assert sim.leaks() == {}
+
+
+def test_wait_for_workers_as_a_fraction():
+    assert [workers_to_wait_for(x, 50) for x in (None, 0, 1, 0.5, 0.01, 1.0)] == [50, 0, 1, 25, 1, 50]

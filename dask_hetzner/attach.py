@@ -34,6 +34,7 @@ class Attachment:
 
     state: ClusterState
     secrets: Secrets = field(repr=False)
+    start: str | None = None  # the start id in cluster.json (None: made before they existed)
 
 
 class _NoConnection:

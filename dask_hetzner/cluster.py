@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -170,8 +171,10 @@ class HetznerCluster(ClusterLifecycle):
         if settings.idle_timeout is not None:
             # A start that takes longer than start_grace has failed anyway.
             idle = IdleSettings(settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout)
+        # A new start id, or the one of the cluster reattached to (LABEL_START).
+        start = secrets.token_hex(6) if attach is None else attach.start
         ctx = ClusterContext(
-            settings, cloud, keys, versions=environment.local_versions(), idle=idle, progress=progress
+            settings, cloud, keys, versions=environment.local_versions(), start=start, idle=idle, progress=progress
         )
         if attach is not None:
             ctx.pins.follow(self._state)

@@ -45,6 +45,9 @@ class ClusterLifecycle(SpecCluster):
     _teardown_task: asyncio.Future[None] | None
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
+    # The local state is this object's: written by its start, or the one it reattached with.
+    # A start that lost the name to another never removes that one's state.
+    _state_ours = False
     _resubscribing: asyncio.Future[Any] | None = None
 
     @property
@@ -104,7 +107,8 @@ class ClusterLifecycle(SpecCluster):
         await self._provisioner.teardown()
         # Only once the API confirmed: until then the state is what finds and reaches it.
         self._ctx.pins.follow(None)
-        await asyncio.to_thread(self._state.remove)
+        if self._state_ours:
+            await asyncio.to_thread(self._state.remove)
 
     async def _say_goodbye(self) -> None:
         """A scheduler that is gone (its server vanished) must not hold the close for a
@@ -158,9 +162,11 @@ class ClusterLifecycle(SpecCluster):
             **self.settings.metadata(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "endpoint": ctx.cloud.endpoint,
+            "start": ctx.start,
             "versions": ctx.versions,
             "dask_hetzner_version": __version__,
         }
+        self._state_ours = True
         await asyncio.to_thread(self._state.create, metadata, ctx.keys.secrets())
         ctx.pins.follow(self._state)
 
@@ -187,6 +193,7 @@ class ClusterLifecycle(SpecCluster):
         # Ours now: closing deletes it, as on the original.
         self._detached = False
         self._touched = True
+        self._state_ours = True
 
     # Overrides of SpecCluster's and Cluster's private members ----------------------------------
     # SpecCluster has no public hooks for these; each says why it is needed.
@@ -201,6 +208,8 @@ class ClusterLifecycle(SpecCluster):
         try:
             await self._check()
             self._touched = True
+            # The name first: only the start that claimed it writes the state and goes on.
+            await self._ctx.shared.claim()
             await self._write_state()
             await self._ctx.shared.setup()
             # Workers' servers are created and bootstrapped while the scheduler starts.
@@ -290,8 +299,10 @@ class ClusterLifecycle(SpecCluster):
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
         except Exception as e:
-            # The initial workers failing fails the start (and rolls back everything).
-            if initial or self.status != Status.running:
+            # The initial workers failing fails the start (and rolls back everything). A
+            # scale under way when a close began (here, or another process's close deleted
+            # the servers) only drops its workers: the teardown deletes what is left.
+            if initial or self.status not in (Status.running, Status.closing):
                 raise
             self._drop_failed_workers(e)
 

@@ -10,6 +10,7 @@ from .errors import ActionFailed, CloudError, ConfigError, token_refused
 from .model import (
     LABEL_CLUSTER,
     LABEL_ROLE,
+    LABEL_START,
     LABEL_WORKER,
     ClusterResources,
     LocationInfo,
@@ -17,6 +18,8 @@ from .model import (
     ResourceInfo,
     ServerInfo,
     ServerTypeInfo,
+    cluster_labels,
+    owned,
     selector,
 )
 from .retry import TRANSIENT_CODES, TRANSIENT_STATUSES, RateLimit
@@ -25,6 +28,7 @@ from .watcher import LAZY_POLLS, ServerWatcher
 __all__ = [
     "LABEL_CLUSTER",
     "LABEL_ROLE",
+    "LABEL_START",
     "LABEL_WORKER",
     "LAZY_POLLS",
     "TRANSIENT_CODES",
@@ -41,6 +45,8 @@ __all__ = [
     "ServerInfo",
     "ServerTypeInfo",
     "ServerWatcher",
+    "cluster_labels",
+    "owned",
     "selector",
     "token_refused",
 ]

@@ -143,19 +143,23 @@ class Cloud:
         """Delete one server; a server that is already gone is fine."""
         await self.clusters.delete_server(server_id)
 
-    async def cluster_resources(self, cluster: str) -> ClusterResources:
-        return await self.clusters.cluster_resources(cluster)
+    async def cluster_resources(self, cluster: str, start: str | None = None) -> ClusterResources:
+        """What carries ``cluster``'s label (and ``start``'s, when given)."""
+        return await self.clusters.cluster_resources(cluster, start)
 
     async def all_clusters(self) -> dict[str, ClusterResources]:
         """Every cluster of the project, by the cluster label (never by name prefix)."""
         return await self.clusters.all_clusters()
 
-    async def delete_cluster(self, cluster: str, *, timeout: float) -> ClusterResources:
-        """Delete everything labelled with ``cluster``, servers first, and wait until it is gone.
+    async def delete_cluster(
+        self, cluster: str, *, timeout: float, start: str | None = None
+    ) -> ClusterResources:
+        """Delete everything labelled with ``cluster`` (and made by ``start``, when given),
+        servers first, and wait until it is gone.
 
         Safe on a half-created cluster and idempotent; returns what was found.
         """
-        return await self.clusters.delete_cluster(cluster, timeout=timeout)
+        return await self.clusters.delete_cluster(cluster, timeout=timeout, start=start)
 
     async def wait_servers_gone(self, label_selector: str, *, deadline: float) -> None:
         await self.clusters.wait_servers_gone(label_selector, deadline=deadline)

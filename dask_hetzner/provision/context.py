@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from .. import environment
-from ..cloud import Cloud, ServerInfo, ServerWatcher, selector
+from ..cloud import Cloud, ServerInfo, ServerWatcher, owned
 from ..idle import IdleSettings
 from ..security import ClusterCA, SSHKeyPair, TLSCert
 from ..settings import ClusterSettings
@@ -69,10 +69,13 @@ class ClusterContext:
         keys: ClusterKeys,
         *,
         versions: dict[str, str],
+        start: str | None,
         idle: IdleSettings | None = None,
         progress: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # This cluster's start id (LABEL_START); None for a cluster made before they existed.
+        self.start = start
         self.cloud = cloud
         self.keys = keys
         self.versions = versions
@@ -89,9 +92,9 @@ class ClusterContext:
             )
             for role in ("scheduler", "worker")
         }
-        self.watcher = ServerWatcher(cloud, selector(settings.name), cloud.poll_interval)
+        self.watcher = ServerWatcher(cloud, owned(settings.name, start), cloud.poll_interval)
         self.pins = HostKeyPins()
-        self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh)
+        self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh, start)
         self.ssh = Login(settings.ssh_port, keys.ssh_key.private_openssh, settings.timeouts["ssh"])
         self.factory = ServerFactory(cloud, settings, self.shared, self.watcher, self.pins, self.ssh)
         self.scheduler = SchedulerAddress(settings.start_timeout)

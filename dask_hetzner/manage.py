@@ -53,7 +53,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 def check_name(name: str) -> str:
     # Server names are "<name>-worker-<n>": the name must leave room in a 63-character hostname.
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid cluster name {name!r}: use 1 to 40 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit (it becomes part of RFC 1123 hostnames)"

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import config, environment, manage
 from .attach import AttachError, Attachment
-from .cloud import LABEL_WORKER, ServerInfo
+from .cloud import LABEL_WORKER, ConfigError, ServerInfo
 from .provision.context import ClusterContext
 from .settings import ClusterSettings
 from .state import ClusterState, StateError, root_dir
@@ -35,7 +35,14 @@ def read(name: str, overrides: dict[str, Any]) -> tuple[ClusterSettings, Attachm
     _warn_versions(name, metadata.get("versions", {}))
     chosen = {k: overrides.pop(k) for k in list(overrides) if k in _SETTING_NAMES}
     settings = ClusterSettings.from_metadata(metadata, **chosen)
-    endpoint = None if manage.default_endpoint_configured() else metadata.get("endpoint")
+    stored = metadata.get("endpoint")
+    if not manage.default_endpoint_configured() and stored not in (None, config.endpoint()):
+        # A forged or foreign cluster.json must not receive the token: the user chooses.
+        raise ConfigError(
+            f"cluster {name!r} was created at API endpoint {stored!r}, not the configured "
+            f"{config.endpoint()!r}: set HCLOUD_ENDPOINT or pass api_endpoint= to reattach there"
+        )
+    endpoint = None
     return settings, Attachment(state, keys, _start_id(name, metadata.get("start"))), endpoint
 
 

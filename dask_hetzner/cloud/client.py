@@ -12,16 +12,20 @@ It is composed of layers, each in its own module, the way a request passes throu
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
 from .catalog import Catalog
 from .clusters import Clusters
-from .errors import NO_TOKEN, CloudError, ConfigError, token_refused
+from .errors import BAD_TOKEN, NO_TOKEN, CloudError, ConfigError, token_refused
 from .model import ClusterResources, LocationInfo, NewServer, ServerInfo, ServerTypeInfo
 from .resources import Resources
 from .retry import RateLimit, Retry
 from .sdk import Sdk
+
+DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
 
 
 class Cloud:
@@ -41,6 +45,11 @@ class Cloud:
     ) -> None:
         if not token:
             raise ConfigError(NO_TOKEN)
+        if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ConfigError(BAD_TOKEN)
+        url = urllib.parse.urlsplit(endpoint) if isinstance(endpoint, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in endpoint):
+            raise ConfigError(f"invalid API endpoint {endpoint!r}: an http(s) URL such as {DEFAULT_ENDPOINT}")
         self.endpoint = endpoint
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout

@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 # What users read when the token is missing or refused (docs/troubleshooting.md quotes both).
 NO_TOKEN = "no Hetzner Cloud API token: pass token=, set HCLOUD_TOKEN or hetzner.token"
 TOKEN_REFUSED = "the Hetzner Cloud API token was refused (unauthorized)"
+# Never with the token itself: an HTTP library would refuse the header and print it.
+BAD_TOKEN = "the Hetzner Cloud API token contains whitespace or control characters (a pasted line break?)"
 
 
 def token_refused(e: CloudError) -> Exception:

@@ -424,3 +424,21 @@ async def test_forward_local_reaches_echo_server(remote):
     finally:
         tcp.close()
         await asyncio.wait_for(tcp.wait_closed(), BOUND)
+
+
+async def test_tunnel_stops_when_the_host_key_changed(client_key, host_key):
+    """A server that comes back with another host key is not ours: one line, no retries."""
+    from dask_hetzner.remote import Tunnel
+
+    port = free_port()
+    async with SSHTestServer(host_key, [client_key.public_openssh], port=port) as first:
+        conn = await asyncio.wait_for(_login(port, client_key, host_key, first.host), BOUND)
+        tunnel = Tunnel(conn, lambda: _login(port, client_key, host_key, first.host, retry_until=5))
+        await tunnel.forward("127.0.0.1", port)
+    async with SSHTestServer(HostKey.generate(), [client_key.public_openssh], port=port):
+        try:
+            await asyncio.wait_for(asyncio.shield(tunnel._task), BOUND)  # it ends by itself
+            assert isinstance(tunnel.failure, HostKeyMismatch)
+            assert not tunnel.up
+        finally:
+            await tunnel.close()

@@ -78,6 +78,9 @@ def worker_command(
         f"--name {shlex.quote(name)}",
         f"--host {ip}",
         "--no-dashboard",
+        # Its HTTP server (/health, /metrics) runs even without a dashboard, and would
+        # otherwise listen on every interface, the public one included.
+        f"--dashboard-address {ip}:0",
         f"--local-directory {layout.WORK_DIR}",
         f"--preload-nanny {preload}",
         TLS_ARGS,

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from dask_hetzner import HetznerCluster
 from dask_hetzner.cli import cli
-from dask_hetzner.launch import options_args
+from dask_hetzner.launch import options_args, worker_command
 from dask_hetzner.provision.context import ClusterKeys
 from dask_hetzner.state import ClusterState, StateError
 
@@ -298,3 +298,12 @@ def test_option_values_reach_the_command_line_quoted(value):
     assert shlex.split(" ".join(options_args({"memory_limit": value}))) == ["--memory-limit", value]
     with pytest.raises(ValueError, match="invalid option name"):
         options_args({value: 1})
+
+
+def test_worker_listens_on_its_private_address_only():
+    """Every listener of ``dask worker`` (its comm and its HTTP server) is on the private IP."""
+    command = shlex.split(
+        worker_command(scheduler="tls://10.0.0.2:8786", name="worker-0", ip="10.0.0.3", preload="p", options={}, wait=1)
+    )
+    assert command[command.index("--host") + 1] == "10.0.0.3"
+    assert command[command.index("--dashboard-address") + 1] == "10.0.0.3:0"

@@ -252,6 +252,9 @@ def test_every_bad_input_is_refused_in_one_line_before_anything_exists(sim, stat
     c.check("cluster.json", "not JSON", lambda: HetznerCluster.from_name("garbled"), "garbled")
     write_state(state_dir, "future", format=99)
     c.check("cluster.json", "format 99", lambda: HetznerCluster.from_name("future"), "format")
+    write_state(state_dir, "loose")
+    (state_dir / "loose" / "ca.key").chmod(0o644)
+    c.check("cluster.json", "ca.key loosened to 0644", lambda: HetznerCluster.from_name("loose"), "ca.key")
     c.check("from_name", "name='../etc'", lambda: HetznerCluster.from_name("../etc"), "name")
     c.check("from_name", "name='nothere'", lambda: HetznerCluster.from_name("nothere"), "nothere")
 
@@ -269,6 +272,7 @@ def test_every_bad_input_is_refused_in_one_line_before_anything_exists(sim, stat
         for bad in ("ABC", "a;b", "../x", "abc\n"):
             c.cli(runner, [*verb, bad] + (["1"] if verb == ["scale"] else []), "name")
         c.cli(runner, [*verb, "nothere"] + (["1"] if verb == ["scale"] else []), "nothere")
+    c.cli(runner, ["ls", "--token", "-"], "token", stdin=TOKEN_MARK + " x\n")
     c.cli(runner, ["nuke"], "name")
     c.cli(runner, ["scale", "x", "-1"], "n")
     c.cli(runner, ["scale", "x", "1.5"], "n")
@@ -283,6 +287,11 @@ def test_every_bad_input_is_refused_in_one_line_before_anything_exists(sim, stat
         (["--token", TOKEN_MARK + "\n"], "token"), (["--endpoint", "nope"], "endpoint"),
     ):  # fmt: skip
         c.cli(runner, ["create", *args], names)
+
+    # The token from stdin works; one on the command line works too, with a warning.
+    assert runner.invoke(cli, ["ls", "--token", "-"], input=sim.token + "\n").exit_code == 0
+    visible = runner.invoke(cli, ["ls", "--token", sim.token])
+    assert visible.exit_code == 0 and "visible to other users" in visible.output
 
     with capsys.disabled():
         failures = c.report()

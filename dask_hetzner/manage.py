@@ -289,7 +289,8 @@ async def node_logs(
     """The dask and bootstrap logs of each server, over SSH with its pinned host key.
 
     Keys: ``scheduler``/``worker-N`` (the dask process's log) and ``... bootstrap``. A server
-    that cannot be reached gets a one-line explanation instead of failing the rest.
+    that cannot be reached gets a one-line explanation instead of failing the rest; a host
+    key that changed fails the whole call (``HostKeyMismatch``: not ours, never "unavailable").
     """
     limit = asyncio.Semaphore(parallel)
 
@@ -304,6 +305,8 @@ async def node_logs(
         async with limit:
             try:
                 conn = await connect(server.public_ip, key)
+            except remote.HostKeyMismatch:
+                raise
             except (remote.RemoteError, OSError, ValueError) as e:
                 return {k: f"(not available: {e})" for k in files}
             try:

@@ -442,3 +442,16 @@ async def test_tunnel_stops_when_the_host_key_changed(client_key, host_key):
             assert not tunnel.up
         finally:
             await tunnel.close()
+
+
+async def test_logs_fail_when_a_host_key_changed():
+    """``logs`` (manage.node_logs) reports a changed host key as an error, not as a missing log."""
+    from dask_hetzner.cloud import ServerInfo
+    from dask_hetzner.manage import node_logs
+
+    async def connect(host: str, key: str):
+        raise HostKeyMismatch(f"SSH host key of {host}:22 is not the pinned key: refusing to connect")
+
+    server = ServerInfo(1, "c-scheduler", "running", {"dask-hetzner/role": "scheduler"}, "cx23", "fsn1", "127.0.0.9", None, "")
+    with pytest.raises(HostKeyMismatch, match="not the pinned key"):
+        await node_logs(connect, [server], {"c-scheduler": "ssh-ed25519 AAAA"})

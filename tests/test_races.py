@@ -8,10 +8,12 @@ first cluster and its state always survive, and nothing leaks (the ``sim`` fixtu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 
 import dask
+import psutil
 import pytest
 from distributed import Client
 from distributed.core import Status
@@ -40,9 +42,25 @@ def labelled(sim, name: str) -> list[dict[str, str]]:
     return [r.labels for r in found]
 
 
-async def start(name: str, after: float) -> HetznerCluster:
+async def start(name: str, after: float, workers: int) -> HetznerCluster:
     await asyncio.sleep(after)  # the second process starts this much later
-    return await HetznerCluster(workers=0, name=name, asynchronous=True)
+    return await HetznerCluster(workers=workers, name=name, asynchronous=True)
+
+
+def listeners(sim, name: str) -> tuple[int, list[str]]:
+    """How many sockets the processes on cluster ``name``'s servers listen on, and those on
+    every interface (0.0.0.0 or ::), which would be public on Hetzner."""
+    count, public = 0, []
+    for server in sdk(sim).servers.get_all(label_selector=f"{LABEL_CLUSTER}={name}"):
+        for pid in sim.hosts.processes(server.id):
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                for conn in process.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        count += 1
+                        if conn.laddr.ip in ("0.0.0.0", "::"):
+                            public.append(f"{server.name}: {' '.join(process.cmdline()[:3])} on port {conn.laddr.port}")
+    return count, public
 
 
 # The issue's reproduction: the first existence check answers 3 s late, the second 5 s,
@@ -53,7 +71,8 @@ async def test_second_start_of_a_name_never_takes_over_the_first(sim, state_dir,
     sim.inject("slow_response", method="GET", path=r"^/networks$", delay=3, nth=1)
     sim.inject("slow_response", method="GET", path=r"^/networks$", delay=5, nth=2)
     name = f"dup{int(after * 10)}"
-    results = await asyncio.gather(start(name, 0), start(name, after), return_exceptions=True)
+    workers = 1 if after == 0 else 0  # one case with a worker: its listeners are read too
+    results = await asyncio.gather(start(name, 0, workers), start(name, after, workers), return_exceptions=True)
     won = [r for r in results if isinstance(r, HetznerCluster)]
     lost = [r for r in results if isinstance(r, BaseException)]
     assert len(won) == 1 and len(lost) == 1, results
@@ -70,6 +89,10 @@ async def test_second_start_of_a_name_never_takes_over_the_first(sim, state_dir,
         assert state.secrets().client_key
         async with Client(cluster, asynchronous=True) as client:  # its scheduler answers
             assert client.scheduler_info()["type"] == "Scheduler"
+            await client.wait_for_workers(workers, timeout=120)
+        # Every process on every server listens on its private address or loopback only.
+        count, public = await asyncio.to_thread(listeners, sim, name)
+        assert count >= 2 + 3 * workers and public == [], (count, public)
     assert not (state_dir / name).exists()
 
 

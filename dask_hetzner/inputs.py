@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -70,10 +71,10 @@ def network(value: Any, what: str) -> str:
 
 
 def count(value: Any, what: str) -> int:
-    """A number of workers: a non-negative int (not a bool, not a float)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A number of workers: a non-negative integer (not a bool, not a float; numpy's are fine)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ConfigError(f"{what} must be a non-negative integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def optional_positive(value: Any, what: str) -> Any:

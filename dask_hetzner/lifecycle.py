@@ -21,7 +21,7 @@ from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
 from . import __version__, cost, manage, reattach
-from .attach import AttachedScheduler, AttachedWorker, Attachment
+from .attach import AttachedScheduler, AttachedWorker, Attachment, half_built
 from .cloud import LABEL_WORKER, ConfigError, ServerTypeInfo
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
@@ -194,6 +194,25 @@ class ClusterLifecycle(SpecCluster):
         self._detached = False
         self._touched = True
         self._state_ours = True
+        await self._drop_unregistered()
+
+    async def _drop_unregistered(self) -> None:
+        """Adopted worker servers the scheduler does not know and where no dask worker runs
+        (a start killed half-way, e.g. SIGKILL during a scale-up) are not workers: delete them
+        instead of counting them. (One the scheduler does not know yet may still be starting.)"""
+        # Called before SpecCluster creates the adopted worker nodes: only their specs exist.
+        known = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+        unknown = {n: self.worker_spec[n]["options"] for n in self.worker_spec if n not in known}
+        checks = [half_built(self._ctx, o["server"], o["host_key"]) for o in unknown.values()]
+        for (name, options), dead in zip(unknown.items(), await asyncio.gather(*checks), strict=True):
+            if not dead:
+                continue
+            del self.worker_spec[name]
+            logger.warning(
+                "cluster %s: %s's server %s never got its dask worker running (a start that was "
+                "interrupted): deleting it", self.name, name, options["server"].name,
+            )  # fmt: skip
+            await self._ctx.factory.delete(options["server"], wait=False)
 
     # Overrides of SpecCluster's and Cluster's private members ----------------------------------
     # SpecCluster has no public hooks for these; each says why it is needed.

@@ -17,10 +17,13 @@ import psutil
 import pytest
 from distributed import Client
 from distributed.core import Status
+from hcloud.images import Image
+from hcloud.locations import Location
+from hcloud.server_types import ServerType
 from support import sdk
 
 from dask_hetzner import HetznerCluster
-from dask_hetzner.cloud import LABEL_CLUSTER, LABEL_START
+from dask_hetzner.cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_START, LABEL_WORKER
 from dask_hetzner.state import ClusterState
 
 pytestmark = pytest.mark.slow
@@ -40,6 +43,14 @@ def labelled(sim, name: str) -> list[dict[str, str]]:
     found += [*client.networks.get_all(label_selector=sel), *client.firewalls.get_all(label_selector=sel)]
     found += client.placement_groups.get_all(label_selector=sel)
     return [r.labels for r in found]
+
+
+def half_built_worker(sim, name: str, start: str) -> None:
+    labels = {LABEL_CLUSTER: name, LABEL_ROLE: "worker", LABEL_WORKER: "worker-7", LABEL_START: start}
+    sdk(sim).servers.create(
+        name=f"{name}-worker-7", server_type=ServerType(name="cx23"), image=Image(name="ubuntu-24.04"),
+        location=Location(name="fsn1"), labels=labels,
+    )  # fmt: skip
 
 
 async def start(name: str, after: float, workers: int) -> HetznerCluster:
@@ -103,7 +114,12 @@ async def test_two_closes_and_a_close_during_a_scale(sim, state_dir):
     with dask.config.set({"hetzner.timeouts.ssh": "10s"}):
         a = await HetznerCluster(workers=0, name="race2", asynchronous=True)
     try:
+        # A worker's server whose start was killed half-way: it never ran dask.
+        await asyncio.to_thread(half_built_worker, sim, "race2", a._ctx.start)
         b = await HetznerCluster.from_name("race2", asynchronous=True)
+        assert "worker-7" not in b.worker_spec and "worker-7" not in b.workers
+        left = await asyncio.to_thread(lambda: [s for s in sdk(sim).servers.get_all() if s.name == "race2-worker-7"])
+        assert all(s.status == "deleting" for s in left), "reattaching deletes it"
         c = await HetznerCluster.from_name("race2", asynchronous=True)
         a.scale(2)
         await asyncio.gather(b.close(), c.close())

@@ -36,6 +36,7 @@ class Attachment:
     secrets: Secrets = field(repr=False)
     # False: a view (dask-ctl's listing): closing it, or exiting, only disconnects.
     take_over: bool = True
+    start: str | None = None  # the start id in cluster.json (None: made before they existed)
 
 
 class _NoConnection:
@@ -114,3 +115,21 @@ class AttachedWorker(WorkerServer):
         # The worker runs (or its server is deleted when it closes): nothing to do now.
         self.prepared = Prepared(self._server, self._host_key, cast(remote.Remote, _NoConnection()))
         await ProcessInterface.start(self)
+
+
+async def half_built(ctx: ClusterContext, server: ServerInfo, host_key: str) -> bool:
+    """Whether an adopted worker's server never got its dask worker running (its start was
+    killed half-way): no pinned key or address, or no live process group in its pidfile.
+    A server that cannot be asked now is not called half-built (nothing proves it)."""
+    if not host_key or not server.public_ip:
+        return True
+    try:
+        conn = await ctx.ssh(server.public_ip, host_key, retry_for=10)
+    except remote.RemoteError:
+        return False
+    try:
+        pidfile = shlex.quote(layout.pidfile("worker"))
+        alive = await conn.run(f'kill -0 -- "-$(cat {pidfile} 2>/dev/null)" 2>/dev/null', check=False, timeout=30)
+        return alive.exit_status != 0
+    finally:
+        await quietly(conn.close())

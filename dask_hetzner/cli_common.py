@@ -53,9 +53,26 @@ def api_options(f: F) -> F:
         help="API endpoint (default: $HCLOUD_ENDPOINT, else Hetzner's).",
     )(f)
     f = click.option(
-        "--token", default=None, metavar="TOKEN", help="API token (default: $HCLOUD_TOKEN)."
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        callback=_token_option,
+        help="API token, or - to read it from stdin (default: $HCLOUD_TOKEN; on the command "
+        "line other users can read it in the process list).",
     )(f)
     return f
+
+
+def _token_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value == "-":
+        return sys.stdin.readline().strip() or None
+    if value:
+        click.echo(
+            "Warning: a token given with --token is visible to other users of this machine "
+            "(/proc/PID/cmdline): prefer HCLOUD_TOKEN or --token -",
+            err=True,
+        )
+    return value
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

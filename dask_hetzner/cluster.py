@@ -8,13 +8,14 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from secrets import token_hex
 from typing import Any
 
 import dask.config
 import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
-from . import config, cost, display, exits, manage, reattach
+from . import config, cost, display, exits, inputs, manage, reattach
 from . import progress as progress_display
 from .attach import AttachedScheduler, Attachment
 from .cost import CostLimitError
@@ -243,8 +244,10 @@ class HetznerCluster(ClusterLifecycle):
                 no_client_timeout=settings.no_client_timeout, max_lifetime=settings.max_lifetime,
             )  # fmt: skip
         versions = local_versions()
+        # A new start id, or the one of the cluster reattached to (LABEL_START).
+        start = token_hex(6) if attach is None else attach.start
         ctx = ClusterContext(
-            settings, cloud, keys, versions=versions, idle=idle, progress=progress,
+            settings, cloud, keys, versions=versions, start=start, idle=idle, progress=progress,
             payload=Payload(settings, secrets, versions),
         )
         if attach is not None:
@@ -254,7 +257,12 @@ class HetznerCluster(ClusterLifecycle):
     def _after_failed_sync_start(self) -> None:
         """A sync start interrupted (Ctrl-C) or failed: wait for the rollback before raising
         (SpecCluster may have done it already and stopped its loop)."""
-        if self.asynchronous or not self._loop_runner.is_started():
+        # A refused keyword fails SpecCluster's constructor before it made its loop runner.
+        runner = getattr(self, "_loop_runner", None)
+        if runner is None:
+            self._ctx.cloud.close()  # its threads: nothing else was made
+            return
+        if self.asynchronous or not runner.is_started():
             return
         if self._touched:
             try:
@@ -385,6 +393,9 @@ class HetznerCluster(ClusterLifecycle):
 
     def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
         """Like ``SpecCluster.scale``, refusing (``CostLimitError``) a size above ``max_hourly_cost``."""
+        inputs.count(n, "scale: the number of workers")
+        inputs.optional_positive(memory, "scale: memory")
+        inputs.optional_positive(cores, "scale: cores")
         if memory is not None:
             per_worker = dask.utils.parse_bytes(self._worker_options()["memory_limit"])
             n = max(n, math.ceil(dask.utils.parse_bytes(memory) / per_worker))
@@ -414,6 +425,7 @@ class HetznerCluster(ClusterLifecycle):
     ) -> DaskAdaptive:
         """Like ``SpecCluster.adapt``, with ``maximum`` capped so adaptivity stays under
         ``max_hourly_cost`` and within one private network (``MAX_WORKERS``)."""
+        inputs.bounds(minimum, maximum)
         check_size(math.ceil(minimum), "adapting (minimum)")
         if maximum > MAX_WORKERS:
             logger.info(

@@ -29,7 +29,9 @@ def get(key: str, default: Any = None) -> Any:
 
 
 def token(explicit: str | None = None) -> str | None:
-    return explicit or get("token") or os.environ.get("HCLOUD_TOKEN") or None
+    """The API token; surrounding whitespace (a pasted line break) is not part of it."""
+    value = explicit or get("token") or os.environ.get("HCLOUD_TOKEN") or None
+    return value.strip() or None if isinstance(value, str) else value
 
 
 def endpoint(explicit: str | None = None) -> str:

@@ -123,7 +123,8 @@ def _parse(spec: object) -> Requirement:
     try:
         return Requirement(spec.strip())
     except InvalidRequirement as e:
-        raise ValueError(f"invalid package spec {spec!r}: {e}") from None
+        # packaging's message ends in a drawing of the spec with a caret: one line is enough.
+        raise ValueError(f"invalid package spec {spec!r}: {str(e).splitlines()[0]}") from None
 
 
 def requirements(

@@ -7,6 +7,7 @@ server's addresses; option values are quoted.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +37,11 @@ def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
 
 
 def options_args(options: Mapping[str, Any]) -> list[str]:
-    """``{"memory_limit": "4GiB"}`` -> ``["--memory-limit 4GiB"]`` (values quoted)."""
+    """``{"memory_limit": "4GiB"}`` -> ``["--memory-limit 4GiB"]`` (values quoted; keys are
+    checked by the settings, and again here: a key is never quoted, so never let through)."""
+    for key in options:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+            raise ValueError(f"invalid option name {key!r}")
     return [f"--{key.replace('_', '-')} {shlex.quote(str(value))}" for key, value in options.items()]
 
 
@@ -76,6 +81,9 @@ def worker_command(
         f"--name {shlex.quote(name)}",
         f"--host {ip}",
         "--no-dashboard",
+        # Its HTTP server (/health, /metrics) runs even without a dashboard, and would
+        # otherwise listen on every interface, the public one included.
+        f"--dashboard-address {ip}:0",
         f"--local-directory {layout.WORK_DIR}",
         f"--preload-nanny {preload}",
         TLS_ARGS,

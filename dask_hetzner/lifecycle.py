@@ -23,7 +23,7 @@ from distributed.utils import Log, Logs
 
 from . import __version__, clients, cost, manage, reattach
 from .aio import cancelled
-from .attach import AttachedScheduler, AttachedWorker, Attachment
+from .attach import AttachedScheduler, AttachedWorker, Attachment, half_built
 from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
@@ -51,6 +51,9 @@ class ClusterLifecycle(SpecCluster):
     _token: str
     # Set when the scheduler's status stream ends while this object lives.
     _scheduler_gone = False
+    # The local state is this object's: written by its start, or the one it reattached with.
+    # A start that lost the name to another never removes that one's state.
+    _state_ours = False
     _resubscribing: asyncio.Future[Any] | None = None
 
     @property
@@ -125,7 +128,8 @@ class ClusterLifecycle(SpecCluster):
             )  # fmt: skip
         # Only once the API confirmed: until then the state is what finds and reaches it.
         self._ctx.pins.follow(None)
-        await asyncio.to_thread(self._state.remove)
+        if self._state_ours:
+            await asyncio.to_thread(self._state.remove)
 
     @property
     def owns_resources(self) -> bool:
@@ -188,9 +192,11 @@ class ClusterLifecycle(SpecCluster):
             **self.settings.metadata(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "endpoint": ctx.cloud.endpoint,
+            "start": ctx.start,
             "versions": ctx.versions,
             "dask_hetzner_version": __version__,
         }
+        self._state_ours = True
         await asyncio.to_thread(self._state.create, metadata, ctx.keys.secrets())
         ctx.pins.follow(self._state)
 
@@ -221,6 +227,26 @@ class ClusterLifecycle(SpecCluster):
         self._detached = False
         self._touched = True
         await self._write_client_address()
+        self._state_ours = True
+        await self._drop_unregistered()
+
+    async def _drop_unregistered(self) -> None:
+        """Adopted worker servers the scheduler does not know and where no dask worker runs
+        (a start killed half-way, e.g. SIGKILL during a scale-up) are not workers: delete them
+        instead of counting them. (One the scheduler does not know yet may still be starting.)"""
+        # Called before SpecCluster creates the adopted worker nodes: only their specs exist.
+        known = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+        unknown = {n: self.worker_spec[n]["options"] for n in self.worker_spec if n not in known}
+        checks = [half_built(self._ctx, o["server"], o["host_key"]) for o in unknown.values()]
+        for (name, options), dead in zip(unknown.items(), await asyncio.gather(*checks), strict=True):
+            if not dead:
+                continue
+            del self.worker_spec[name]
+            logger.warning(
+                "cluster %s: %s's server %s never got its dask worker running (a start that was "
+                "interrupted): deleting it", self.name, name, options["server"].name,
+            )  # fmt: skip
+            await self._ctx.factory.delete(options["server"], wait=False)
 
     # Overrides of SpecCluster's and Cluster's private members ----------------------------------
     # SpecCluster has no public hooks for these; each says why it is needed.
@@ -235,6 +261,8 @@ class ClusterLifecycle(SpecCluster):
         try:
             await self._check()
             self._touched = True
+            # The name first: only the start that claimed it writes the state and goes on.
+            await self._ctx.shared.claim()
             await self._write_state()
             await self._ctx.shared.setup()
             # Workers' servers are created and bootstrapped while the scheduler starts.
@@ -362,8 +390,10 @@ class ClusterLifecycle(SpecCluster):
                 asyncio.ensure_future(self._correct_state())
         except Exception as e:
             # The initial workers failing fails the start (and rolls back everything), unless
-            # the account's server limit stopped them and the user allowed fewer.
-            if (initial or self.status != Status.running) and not self._fewer_allowed(e):
+            # the account's server limit stopped them and the user allowed fewer. A scale under
+            # way when a close began (here, or another process's close deleted the servers)
+            # only drops its workers: the teardown deletes what is left.
+            if (initial or self.status not in (Status.running, Status.closing)) and not self._fewer_allowed(e):
                 raise
             self._drop_failed_workers(e)
 

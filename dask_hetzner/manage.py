@@ -61,7 +61,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 def check_name(name: str) -> str:
     # Server names are "<name>-worker-<n>": the name must leave room in a 63-character hostname.
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid cluster name {name!r}: use 1 to 40 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit (it becomes part of RFC 1123 hostnames)"
@@ -331,7 +331,8 @@ async def node_logs(
     """The dask and bootstrap logs of each server, over SSH with its pinned host key.
 
     Keys: ``scheduler``/``worker-N`` (the dask process's log) and ``... bootstrap``. A server
-    that cannot be reached gets a one-line explanation instead of failing the rest.
+    that cannot be reached gets a one-line explanation instead of failing the rest; a host
+    key that changed fails the whole call (``HostKeyMismatch``: not ours, never "unavailable").
     """
     limit = asyncio.Semaphore(parallel)
 
@@ -348,6 +349,8 @@ async def node_logs(
         async with limit:
             try:
                 conn = await connect(server.public_ip, key)
+            except remote.HostKeyMismatch:
+                raise
             except (remote.RemoteError, OSError, ValueError) as e:
                 return {k: f"(not available: {e})" for k in files}
             try:

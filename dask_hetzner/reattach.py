@@ -11,10 +11,10 @@ from typing import Any
 
 from . import config, environment, manage
 from .attach import AttachError, Attachment
-from .cloud import LABEL_WORKER, ServerInfo
+from .cloud import LABEL_WORKER, ConfigError, ServerInfo
 from .provision.context import ClusterContext
 from .settings import ClusterSettings
-from .state import ClusterState, root_dir
+from .state import ClusterState, StateError, root_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,22 @@ def read(name: str, overrides: dict[str, Any]) -> tuple[ClusterSettings, Attachm
     _warn_versions(name, metadata.get("versions", {}))
     chosen = {k: overrides.pop(k) for k in list(overrides) if k in _SETTING_NAMES}
     settings = ClusterSettings.from_metadata(metadata, **chosen)
-    endpoint = None if manage.default_endpoint_configured() else metadata.get("endpoint")
-    return settings, Attachment(state, keys), endpoint
+    stored = metadata.get("endpoint")
+    if not manage.default_endpoint_configured() and stored not in (None, config.endpoint()):
+        # A forged or foreign cluster.json must not receive the token: the user chooses.
+        raise ConfigError(
+            f"cluster {name!r} was created at API endpoint {stored!r}, not the configured "
+            f"{config.endpoint()!r}: set HCLOUD_ENDPOINT or pass api_endpoint= to reattach there"
+        )
+    endpoint = None
+    return settings, Attachment(state, keys, start=_start_id(name, metadata.get("start"))), endpoint
+
+
+def _start_id(name: str, start: Any) -> str | None:
+    """The start id in ``cluster.json``: it goes into a label selector, so it is checked."""
+    if start is None or (isinstance(start, str) and re.fullmatch(r"[0-9a-f]{1,32}", start)):
+        return start
+    raise StateError(f"local state of cluster {name!r}: invalid start id {start!r} in cluster.json")
 
 
 def _warn_versions(name: str, theirs: dict[str, str]) -> None:

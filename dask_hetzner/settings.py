@@ -18,7 +18,7 @@ from typing import Any
 import dask.config
 import dask.utils
 
-from . import config, jobsettings
+from . import config, inputs, jobsettings
 from .cloud import ConfigError
 from .manage import check_name
 
@@ -120,26 +120,29 @@ class ClusterSettings:
         connect = _pick("connect", a("connect") or None)
         if connect not in ("tunnel", "public"):
             raise ConfigError(f"connect must be 'tunnel' or 'public', got {connect!r}")
-        scheduler_port = int(_pick("scheduler-port", a("scheduler_port")))
+        scheduler_port = inputs.port(_pick("scheduler-port", a("scheduler_port")), "scheduler_port")
         if connect == "public" and scheduler_port == 0:
             raise ConfigError("connect='public' needs a fixed hetzner.scheduler-port for the firewall")
         return cls(
             name=check_name(_pick("name", a("name") or None) or f"dask-{secrets.token_hex(3)}"),
             # An empty value falls back to the configured one, where it always has.
             location=_pick("location", a("location") or None),
-            fallback_locations=tuple(_pick("fallback-locations", a("fallback_locations")) or ()),
+            fallback_locations=inputs.string_list(_pick("fallback-locations", a("fallback_locations")), "fallback_locations"),
             image=_pick("image", a("image") or None),
             scheduler_server_type=_type_list(a("scheduler_server_type"), "scheduler_server_type"),
             worker_server_type=_type_list(a("worker_server_type"), "worker_server_type"),
-            packages=tuple(_pick("packages", a("packages")) or ()),
+            packages=inputs.string_list(_pick("packages", a("packages")), "packages"),
             connect=connect,
-            allowed_cidrs=tuple(_pick("allowed-cidrs", a("allowed_cidrs") or None)),
-            network_ip_range=_pick("network-ip-range", a("network_ip_range")),
-            ssh_port=int(_pick("ssh-port", a("ssh_port"))),
+            # An empty list is refused, never widened to the default (everyone).
+            allowed_cidrs=inputs.cidrs(_pick("allowed-cidrs", a("allowed_cidrs"))),
+            network_ip_range=inputs.network(_pick("network-ip-range", a("network_ip_range")), "network_ip_range"),
+            ssh_port=inputs.port(_pick("ssh-port", a("ssh_port")), "ssh_port", zero=False),
             scheduler_port=scheduler_port,
-            dashboard_port=int(_pick("dashboard-port", a("dashboard_port"))),
-            worker_options=dict(_pick("worker-options", a("worker_options") or None) or {}),
-            scheduler_options=dict(_pick("scheduler-options", a("scheduler_options") or None) or {}),
+            dashboard_port=inputs.port(_pick("dashboard-port", a("dashboard_port")), "dashboard_port"),
+            worker_options=inputs.option_keys(_pick("worker-options", a("worker_options") or None) or {}, "worker_options"),
+            scheduler_options=inputs.option_keys(
+                _pick("scheduler-options", a("scheduler_options") or None) or {}, "scheduler_options"
+            ),
             max_hourly_cost=_positive(_pick("max-hourly-cost", a("max_hourly_cost")), "max_hourly_cost"),
             idle_timeout=_duration(_pick("idle-timeout", a("idle_timeout")), "idle_timeout"),
             timeouts=a("timeouts") or {k: config.seconds(f"timeouts.{k}") for k in TIMEOUT_KEYS},
@@ -195,12 +198,13 @@ class ClusterSettings:
 def worker_count(workers: Any, n_workers: Any) -> int:
     """The initial worker count from ``workers=`` / ``n_workers=`` / ``hetzner.n-workers``."""
     if workers is not None and n_workers is not None and workers != n_workers:
-        raise ValueError("give the worker count once: workers= or n_workers=")
+        raise ConfigError("give the worker count once: workers= or n_workers=")
     count = workers if workers is not None else n_workers
     if count is None:
         count = config.get("n-workers")
-    if not isinstance(count, int) or count < 0:
-        raise ValueError(f"workers must be a non-negative integer, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"workers must be a non-negative integer, got {count!r}")
+    check_size(count, "starting the cluster")  # before a spec of that size is built
     return count
 
 

@@ -211,6 +211,7 @@ class ClusterState:
 
     def secrets(self) -> Secrets:
         self.metadata()  # a clear error when the state is missing altogether
+        self._check_private()
         try:
             return Secrets(
                 ca_cert=self.ca_cert.read_text(),
@@ -225,6 +226,20 @@ class ClusterState:
                 f"local state of cluster {self.name!r} is incomplete ({type(e).__name__}: "
                 f"{getattr(e, 'filename', '') or e})"
             ) from None
+
+    def _check_private(self) -> None:
+        """Key files others may read are refused, as ssh refuses an unprotected private key:
+        whoever could read them could reach the cluster."""
+        for path in (self.path, self.ca_key, self.client_key, self.ssh_key):
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                continue  # secrets() names a missing file
+            if mode & 0o077:
+                raise StateError(
+                    f"local state of cluster {self.name!r}: {path} is readable by other users "
+                    f"(mode {mode & 0o777:o}); run: chmod -R go-rwx {self.path}"
+                )
 
     # host keys -----------------------------------------------------------------------------
 

@@ -424,3 +424,34 @@ async def test_forward_local_reaches_echo_server(remote):
     finally:
         tcp.close()
         await asyncio.wait_for(tcp.wait_closed(), BOUND)
+
+
+async def test_tunnel_stops_when_the_host_key_changed(client_key, host_key):
+    """A server that comes back with another host key is not ours: one line, no retries."""
+    from dask_hetzner.remote import Tunnel
+
+    port = free_port()
+    async with SSHTestServer(host_key, [client_key.public_openssh], port=port) as first:
+        conn = await asyncio.wait_for(_login(port, client_key, host_key, first.host), BOUND)
+        tunnel = Tunnel(conn, lambda: _login(port, client_key, host_key, first.host, retry_until=5))
+        await tunnel.forward("127.0.0.1", port)
+    async with SSHTestServer(HostKey.generate(), [client_key.public_openssh], port=port):
+        try:
+            await asyncio.wait_for(asyncio.shield(tunnel._task), BOUND)  # it ends by itself
+            assert isinstance(tunnel.failure, HostKeyMismatch)
+            assert not tunnel.up
+        finally:
+            await tunnel.close()
+
+
+async def test_logs_fail_when_a_host_key_changed():
+    """``logs`` (manage.node_logs) reports a changed host key as an error, not as a missing log."""
+    from dask_hetzner.cloud import ServerInfo
+    from dask_hetzner.manage import node_logs
+
+    async def connect(host: str, key: str):
+        raise HostKeyMismatch(f"SSH host key of {host}:22 is not the pinned key: refusing to connect")
+
+    server = ServerInfo(1, "c-scheduler", "running", {"dask-hetzner/role": "scheduler"}, "cx23", "fsn1", "127.0.0.9", None, "")
+    with pytest.raises(HostKeyMismatch, match="not the pinned key"):
+        await node_logs(connect, [server], {"c-scheduler": "ssh-ed25519 AAAA"})

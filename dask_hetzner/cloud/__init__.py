@@ -11,6 +11,7 @@ from .model import (
     LABEL_CLUSTER,
     LABEL_KEPT_UNTIL,
     LABEL_ROLE,
+    LABEL_START,
     LABEL_WORKER,
     ClusterResources,
     LocationInfo,
@@ -18,6 +19,8 @@ from .model import (
     ResourceInfo,
     ServerInfo,
     ServerTypeInfo,
+    cluster_labels,
+    owned,
     selector,
 )
 from .retry import TRANSIENT_CODES, TRANSIENT_STATUSES, RateLimit
@@ -27,6 +30,7 @@ __all__ = [
     "LABEL_CLUSTER",
     "LABEL_KEPT_UNTIL",
     "LABEL_ROLE",
+    "LABEL_START",
     "LABEL_WORKER",
     "LAZY_POLLS",
     "TRANSIENT_CODES",
@@ -43,6 +47,8 @@ __all__ = [
     "ServerInfo",
     "ServerTypeInfo",
     "ServerWatcher",
+    "cluster_labels",
+    "owned",
     "selector",
     "token_refused",
 ]

@@ -12,16 +12,20 @@ It is composed of layers, each in its own module, the way a request passes throu
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
 from .catalog import Catalog
 from .clusters import Clusters
-from .errors import NO_TOKEN, TOKEN_READONLY, CloudError, ConfigError, token_refused
+from .errors import BAD_TOKEN, NO_TOKEN, TOKEN_READONLY, CloudError, ConfigError, token_refused
 from .model import ClusterResources, LocationInfo, NewServer, ServerInfo, ServerTypeInfo
 from .resources import Resources
 from .retry import RateLimit, Retry
 from .sdk import Sdk
+
+DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
 
 
 class Cloud:
@@ -41,6 +45,11 @@ class Cloud:
     ) -> None:
         if not token:
             raise ConfigError(NO_TOKEN)
+        if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ConfigError(BAD_TOKEN)
+        url = urllib.parse.urlsplit(endpoint) if isinstance(endpoint, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in endpoint):
+            raise ConfigError(f"invalid API endpoint {endpoint!r}: an http(s) URL such as {DEFAULT_ENDPOINT}")
         self.endpoint = endpoint
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
@@ -163,19 +172,23 @@ class Cloud:
         """Delete one server; a server that is already gone is fine."""
         await self.clusters.delete_server(server_id)
 
-    async def cluster_resources(self, cluster: str) -> ClusterResources:
-        return await self.clusters.cluster_resources(cluster)
+    async def cluster_resources(self, cluster: str, start: str | None = None) -> ClusterResources:
+        """What carries ``cluster``'s label (and ``start``'s, when given)."""
+        return await self.clusters.cluster_resources(cluster, start)
 
     async def all_clusters(self) -> dict[str, ClusterResources]:
         """Every cluster of the project, by the cluster label (never by name prefix)."""
         return await self.clusters.all_clusters()
 
-    async def delete_cluster(self, cluster: str, *, timeout: float) -> ClusterResources:
-        """Delete everything labelled with ``cluster``, servers first, and wait until it is gone.
+    async def delete_cluster(
+        self, cluster: str, *, timeout: float, start: str | None = None
+    ) -> ClusterResources:
+        """Delete everything labelled with ``cluster`` (and made by ``start``, when given),
+        servers first, and wait until it is gone.
 
         Safe on a half-created cluster and idempotent; returns what was found.
         """
-        return await self.clusters.delete_cluster(cluster, timeout=timeout)
+        return await self.clusters.delete_cluster(cluster, timeout=timeout, start=start)
 
     async def wait_servers_gone(self, label_selector: str, *, deadline: float) -> None:
         await self.clusters.wait_servers_gone(label_selector, deadline=deadline)

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from .errors import CloudError
-from .model import LABEL_CLUSTER, NOUN, ClusterResources, Kind, ResourceInfo, ServerInfo, selector
+from .model import LABEL_CLUSTER, NOUN, ClusterResources, Kind, ResourceInfo, ServerInfo, owned
 from .retry import Retry
 
 # Each shared kind: how listing it is named in messages, and its list in ClusterResources.
@@ -61,8 +61,8 @@ class Clusters:
         )
         return dict(zip(_SHARED, lists, strict=True))
 
-    async def cluster_resources(self, cluster: str) -> ClusterResources:
-        sel = selector(cluster)
+    async def cluster_resources(self, cluster: str, start: str | None = None) -> ClusterResources:
+        sel = owned(cluster, start)
         servers, shared = await asyncio.gather(self.servers(sel), self._shared(sel))
         found = ClusterResources(servers=servers)
         for server in servers:
@@ -91,8 +91,12 @@ class Clusters:
                 found.saw_created(resource.created)
         return out
 
-    async def delete_cluster(self, cluster: str, *, timeout: float) -> ClusterResources:
-        """Delete everything labelled with ``cluster``, servers first, and wait until it is gone.
+    async def delete_cluster(
+        self, cluster: str, *, timeout: float, start: str | None = None
+    ) -> ClusterResources:
+        """Delete everything labelled with ``cluster`` (and ``start``, when given: a rollback
+        never touches what a concurrent start of the same name made), servers first, and wait
+        until it is gone.
 
         Safe on a half-created cluster and idempotent; returns what was found. Every delete
         runs in parallel, so the time does not grow with the number of servers.
@@ -100,12 +104,12 @@ class Clusters:
         deadline = time.monotonic() + timeout
         # A create still in flight (its caller was cancelled) must land before the listing.
         await self.sdk.drain(min(timeout, self.sdk.request_timeout + 5))
-        found = await self.cluster_resources(cluster)
+        found = await self.cluster_resources(cluster, start)
         todo = found
         while True:
-            await self._delete_found(cluster, todo, deadline)
+            await self._delete_found(owned(cluster, start), todo, deadline)
             # Only a listing after the deletes proves nothing was created meanwhile.
-            todo = await self.cluster_resources(cluster)
+            todo = await self.cluster_resources(cluster, start)
             if not len(todo):
                 return found
             if time.monotonic() > deadline:
@@ -116,13 +120,13 @@ class Clusters:
             for key in ("servers", "networks", "firewalls", "placement_groups", "ssh_keys", "images"):
                 getattr(found, key).extend(getattr(todo, key))
 
-    async def _delete_found(self, cluster: str, found: ClusterResources, deadline: float) -> None:
+    async def _delete_found(self, sel: str, found: ClusterResources, deadline: float) -> None:
         # A server already "deleting" (its node asked) needs no second request.
         await asyncio.gather(
             *(self.delete_server(s.id) for s in found.servers if s.status != "deleting")
         )
         if found.servers:
-            await self.wait_servers_gone(selector(cluster), deadline=deadline)
+            await self.wait_servers_gone(sel, deadline=deadline)
         # Detaching lags behind server deletion: resource_in_use is retried until the deadline.
         kinds: tuple[Kind, ...] = ("firewall", "placement_group", "ssh_key", "snapshot")
         await asyncio.gather(

@@ -40,6 +40,8 @@ TOKEN_READONLY = (
     "the Hetzner Cloud API token is a read-only token (token_readonly): generate a Read & Write "
     "token in the Hetzner Cloud Console (Security, API tokens)"
 )
+# Never with the token itself: an HTTP library would refuse the header and print it.
+BAD_TOKEN = "the Hetzner Cloud API token contains whitespace or control characters (a pasted line break?)"
 
 
 def token_refused(e: CloudError) -> Exception:

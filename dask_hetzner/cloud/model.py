@@ -16,6 +16,10 @@ LABEL_WORKER = "dask-hetzner/worker"
 # A retired worker's server kept (role "kept") while its started hour is paid: until when
 # (Unix time), so any process can show it.
 LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"
+# A random id per cluster, made by the start that claimed the name and kept in cluster.json:
+# a start adopts or deletes only what carries its own (a concurrent start of the same name
+# never takes over or rolls back another's resources).
+LABEL_START = "dask-hetzner/start"
 
 # The labelled resources a cluster shares besides its servers (snapshots are images).
 Kind = Literal["ssh_key", "network", "firewall", "placement_group", "snapshot"]
@@ -33,6 +37,20 @@ def selector(cluster: str, **labels: str) -> str:
     parts = [f"{LABEL_CLUSTER}={cluster}"]
     parts += [f"{key}={value}" for key, value in labels.items()]
     return ",".join(parts)
+
+
+def owned(cluster: str, start: str | None) -> str:
+    """The selector of what the start ``start`` of ``cluster`` made (None: a cluster made
+    before start ids existed, selected by its cluster label alone)."""
+    return selector(cluster) if start is None else selector(cluster, **{LABEL_START: start})
+
+
+def cluster_labels(cluster: str, role: str, start: str | None) -> dict[str, str]:
+    """The labels of a resource ``start`` creates for ``cluster``."""
+    labels = {LABEL_CLUSTER: cluster, LABEL_ROLE: role}
+    if start is not None:
+        labels[LABEL_START] = start
+    return labels
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Creating a cluster's resources (SSH key, network, firewall, placement groups, servers).
 
 Every create is safe to retry and to cancel: a 409 ``uniqueness_error`` on a resource that
-carries this cluster's labels is an earlier attempt of the same POST that succeeded (it timed
-out or met a 5xx on the way back) and is adopted; a result that arrives after its caller was
+carries this cluster's labels, this start's id among them, is an earlier attempt of the same
+POST that succeeded (it timed out or met a 5xx on the way back) and is adopted; one made by
+another start of the same name is never adopted. A result that arrives after its caller was
 cancelled is deleted. See docs/design.md, "Faults".
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import CloudError
-from .model import NOUN, Kind, NewServer, ResourceInfo, ServerInfo
+from .model import LABEL_CLUSTER, LABEL_START, NOUN, Kind, NewServer, ResourceInfo, ServerInfo
 from .retry import Retry
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ class Resources:
                 raise
             existing = await self.retry.call(f"looking up {kind} {name}", lookup)
             if existing is None or any(existing.labels.get(k) != v for k, v in labels.items()):
-                raise CloudError(
-                    what,
-                    e.code,
-                    f"{e.api_message}; a {kind} named {name!r} exists that is not this "
-                    "cluster's (a leftover?): delete it or choose another cluster name",
-                ) from None
+                raise CloudError(what, e.code, _not_ours(e.api_message, kind, name, labels, existing)) from None
             logger.info("%s: adopting the %s an earlier attempt created", what, kind)
             return existing
 
@@ -113,3 +109,19 @@ class Resources:
             functools.partial(self.sdk.find_server, new.name),
             self.sdk.delete_server,
         )
+
+
+def _not_ours(api_message: str, kind: str, name: str, ours: dict[str, str], theirs: Created | None) -> str:
+    """Why a resource of the same name is not adopted: another start's, or a leftover."""
+    cluster = ours.get(LABEL_CLUSTER)
+    if theirs is not None and cluster and theirs.labels.get(LABEL_CLUSTER) == cluster:
+        if theirs.labels.get(LABEL_START) != ours.get(LABEL_START):
+            return (
+                f"cluster {cluster!r} was claimed by another start (its {kind} {name!r} exists): "
+                "another process is creating it or it runs; reattach with "
+                "HetznerCluster.from_name or choose another name"
+            )
+    return (
+        f"{api_message}; a {kind} named {name!r} exists that is not this "
+        "cluster's (a leftover?): delete it or choose another cluster name"
+    )

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from .. import environment
-from ..cloud import Cloud, ServerInfo, ServerWatcher, selector
+from ..cloud import Cloud, ServerInfo, ServerWatcher, owned
 from ..idle import IdleSettings
 from ..jobenv import SecretEnv
 from ..payload import Payload, Snapshot
@@ -72,11 +72,14 @@ class ClusterContext:
         keys: ClusterKeys,
         *,
         versions: dict[str, str],
+        start: str | None,
         idle: IdleSettings | None = None,
         progress: Callable[[str, str], None] | None = None,
         payload: Payload | None = None,
     ) -> None:
         self.settings = settings
+        # This cluster's start id (LABEL_START); None for a cluster made before they existed.
+        self.start = start
         self.cloud = cloud
         self.keys = keys
         self.versions = versions
@@ -85,9 +88,9 @@ class ClusterContext:
         self.progress = progress
         # The user's job: packages, local code, files, variables and secrets (payload.py).
         self.payload = payload if payload is not None else Payload(settings, SecretEnv(), versions)
-        self.watcher = ServerWatcher(cloud, selector(settings.name), cloud.poll_interval)
+        self.watcher = ServerWatcher(cloud, owned(settings.name, start), cloud.poll_interval)
         self.pins = HostKeyPins()
-        self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh)
+        self.shared = SharedResources(cloud, settings, keys.ssh_key.public_openssh, start)
         self.ssh = Login(settings.ssh_port, keys.ssh_key.private_openssh, settings.timeouts["ssh"])
         self.factory = ServerFactory(cloud, settings, self.shared, self.watcher, self.pins, self.ssh)
         self.kept = KeptServers(self.factory, settings.keep_margin)  # retired workers' paid servers

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import early_start, environment, launch, layout, liveness, memory, privnet, remote, userdata
 from ..aio import quietly
-from ..cloud import LABEL_CLUSTER, LABEL_ROLE, LABEL_WORKER, ServerInfo
+from ..cloud import LABEL_WORKER, ServerInfo, cluster_labels
 from ..payload import Snapshot
 from ..security import HostKey, cloud_config
 from .context import ClusterContext
@@ -79,7 +79,7 @@ async def provision(ctx: ClusterContext, name: str, role: str, options: dict[str
     t0, started_at = time.monotonic(), time.time()
     timings: dict[str, float] = {}
     host_key = HostKey.generate()
-    labels = {LABEL_CLUSTER: ctx.settings.name, LABEL_ROLE: role}
+    labels = cluster_labels(ctx.settings.name, role, ctx.start)
     if role == "worker":
         labels[LABEL_WORKER] = name
         if ctx.settings.keep_paid_servers:

@@ -7,14 +7,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cloud import LABEL_CLUSTER, LABEL_ROLE, Cloud, CloudError, ClusterResources
+from ..cloud import Cloud, CloudError, ClusterResources, cluster_labels
 from ..settings import ClusterSettings
 
 PLACEMENT_GROUP_SIZE = 10  # Hetzner's limit for a spread group
-
-
-def labels(cluster: str, role: str) -> dict[str, str]:
-    return {LABEL_CLUSTER: cluster, LABEL_ROLE: role}
 
 
 def firewall_rules(s: ClusterSettings) -> list[dict[str, Any]]:
@@ -46,10 +42,11 @@ class _Group:
 class SharedResources:
     """Creates (or adopts) the shared resources and hands out placement-group slots."""
 
-    def __init__(self, cloud: Cloud, settings: ClusterSettings, public_key: str) -> None:
+    def __init__(self, cloud: Cloud, settings: ClusterSettings, public_key: str, start: str | None) -> None:
         self.cloud = cloud
         self.settings = settings
         self._public_key = public_key
+        self._labels = cluster_labels(settings.name, "shared", start)
         self.ssh_key_id: int | None = None
         self.network_id: int | None = None
         self.firewall_id: int | None = None
@@ -60,16 +57,20 @@ class SharedResources:
     def ready(self) -> bool:
         return bool(self.ssh_key_id and self.network_id and self.firewall_id)
 
+    async def claim(self) -> None:
+        """Claim the cluster's name: create its SSH key, whose name the API keeps unique in a
+        project. Of two starts of the same name, only one gets past here (the other's
+        create meets a 409 on a key with another start id, and adopts nothing)."""
+        s = self.settings
+        self.ssh_key_id = await self.cloud.create_ssh_key(s.name, self._public_key, self._labels)
+
     async def setup(self) -> None:
-        """Create the SSH key, network and firewall, in parallel."""
+        """Create the network and firewall, in parallel (after :meth:`claim`)."""
         s = self.settings
         zone = (await self.cloud.locations())[s.location].network_zone
         net = ipaddress.ip_network(s.network_ip_range)
         subnet = next(net.subnets(new_prefix=max(net.prefixlen, 24)))
-        shared = labels(s.name, "shared")
-
-        async def key() -> None:
-            self.ssh_key_id = await self.cloud.create_ssh_key(s.name, self._public_key, shared)
+        shared = self._labels
 
         async def network() -> None:
             self.network_id = await self.cloud.create_network(s.name, str(net), str(subnet), zone, shared)
@@ -77,7 +78,7 @@ class SharedResources:
         async def firewall() -> None:
             self.firewall_id = await self.cloud.create_firewall(s.name, firewall_rules(s), shared)
 
-        await asyncio.gather(key(), network(), firewall())
+        await asyncio.gather(network(), firewall())
 
     def adopt(self, found: ClusterResources) -> None:
         """Reattaching: take over the shared resources the API lists."""
@@ -103,7 +104,7 @@ class SharedResources:
                     group.members.add(server_name)
                     return group.id
             group_id = await self.cloud.create_placement_group(
-                f"{self.settings.name}-{len(self._groups)}", labels(self.settings.name, "shared")
+                f"{self.settings.name}-{len(self._groups)}", self._labels
             )
             self._groups.append(_Group(group_id, {server_name}))
             return group_id

@@ -57,11 +57,12 @@ class Provisioner:
         await asyncio.gather(*(self.cancel(n) for n in list(self._tasks)), return_exceptions=True)
 
     async def teardown(self) -> None:
-        """Delete everything carrying this cluster's label and wait until the API confirms."""
+        """Delete everything carrying this cluster's labels (its start id among them: never
+        what a concurrent start of the same name made) and wait until the API confirms."""
         ctx = self.ctx
         await self.cancel_all()
         await ctx.kept.clear()  # kept servers carry the label: deleted below
         await ctx.factory.stop_confirming()  # the listing below covers them
         ctx.watcher.stop()
-        await ctx.cloud.delete_cluster(ctx.settings.name, timeout=ctx.settings.timeouts["close"])
+        await ctx.cloud.delete_cluster(ctx.settings.name, timeout=ctx.settings.timeouts["close"], start=ctx.start)
         ctx.factory.forget_all()

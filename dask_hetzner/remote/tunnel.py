@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from .connection import Remote
-from .errors import RemoteError
+from .errors import HostKeyMismatch, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ class Tunnel:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
+        # Set when the server answered with another host key: never retried (it is not ours).
+        self.failure: HostKeyMismatch | None = None
 
     @property
     def up(self) -> bool:
@@ -62,6 +64,10 @@ class Tunnel:
                     conn = await self._reconnect()
                     for host, port, local in self._forwards:
                         await conn.forward_local(host, port, local_port=local)
+                except HostKeyMismatch as e:
+                    logger.error("SSH tunnel to %s: the host key changed, not reconnecting: %s", self.conn.host, e)
+                    self.failure = e
+                    return
                 except (RemoteError, OSError) as e:
                     if conn is not None:
                         await conn.close()

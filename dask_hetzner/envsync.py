@@ -33,7 +33,7 @@ def check_mode(value: object) -> str:
         raise ConfigError(f"environment must be 'minimal', 'sync' or a requirements file, got {value!r}")
     if value in MODES:
         return value
-    path = Path(value).expanduser()
+    path = localcode.expand(value, "environment")
     try:
         path.read_text()
     except OSError as e:

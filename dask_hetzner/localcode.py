@@ -54,9 +54,20 @@ class Wheel:
         return self.path.name
 
 
+def expand(path: str | os.PathLike[str], what: str) -> Path:
+    """``~`` and ``~user`` expanded; an unknown user is refused naming the input."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise ConfigError(f"{what}: {str(path)!r} names a home directory that does not exist") from None
+
+
 def is_local_path(spec: str) -> bool:
     """A ``packages=`` entry naming a project directory on the client (not a requirement)."""
-    p = Path(spec).expanduser()
+    try:
+        p = Path(spec).expanduser()
+    except RuntimeError:  # ~user of no such user: not a directory here
+        return False
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec
     return looks_like_path and p.is_dir() and ((p / "pyproject.toml").exists() or (p / "setup.py").exists())
 
@@ -151,7 +162,7 @@ def check_uploads(paths: Iterable[str]) -> tuple[str, ...]:
     for entry in paths:
         if not isinstance(entry, (str, os.PathLike)):
             raise ConfigError(f"upload: {entry!r} is not a path")
-        p = Path(entry).expanduser()
+        p = expand(entry, "upload")
         if not p.exists():
             raise ConfigError(f"upload: {entry} does not exist")
         if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
@@ -160,7 +171,7 @@ def check_uploads(paths: Iterable[str]) -> tuple[str, ...]:
         if base in seen:
             raise ConfigError(f"upload: {entry} and {seen[base]} would both be {base} on the servers")
         seen[base] = str(entry)
-    return tuple(str(Path(x).expanduser().resolve()) for x in paths)
+    return tuple(str(expand(x, "upload").resolve()) for x in paths)
 
 
 def upload_archive(paths: Iterable[str]) -> bytes:

@@ -103,7 +103,7 @@ class Payload:
 
 
 def _resolved(spec: str) -> localcode.Path:
-    return localcode.Path(spec).expanduser().resolve()
+    return localcode.expand(spec, "packages").resolve()
 
 
 def _project_name(spec: str) -> str:

@@ -66,21 +66,30 @@ def _leftovers(sim, name: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_no_client_timeout_deletes_the_cluster_of_a_killed_client(sim, tmp_path):
-    """The client process dies (SIGKILL: no atexit, no close) while working: with no idle
-    timeout, the scheduler's server deletes the cluster once no client has been connected
-    for no_client_timeout; max_lifetime (an hour) has nothing to say yet."""
+@pytest.mark.parametrize(
+    "name, workers, policies, expected, why",
+    [
+        # With no idle timeout, the scheduler's server deletes the cluster once no client has
+        # been connected for no_client_timeout; max_lifetime (an hour) has nothing to say yet.
+        ("pol1", 1, "no_client_timeout='4s', max_lifetime='1h'", (None, 4.0, 3600.0), "no_client_timeout"),
+        # max_lifetime alone: deleted when its time is up (long enough for a loaded start).
+        ("pol2", 0, "max_lifetime='40s'", (None, None, 40.0), "max_lifetime"),
+    ],
+)
+def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, workers, policies, expected, why):
+    """The client process dies (SIGKILL: no atexit, no close) while working: the watchdog on
+    the scheduler's server deletes the cluster by the policy."""
     script = tmp_path / "start.py"
     script.write_text(
         "import threading\n"
         "from distributed import Client\n"
         "from dask_hetzner import HetznerCluster\n"
-        "cluster = HetznerCluster(workers=1, name='pol1', no_client_timeout='4s', max_lifetime='1h')\n"
+        f"cluster = HetznerCluster(workers={workers}, name='{name}', {policies})\n"
         "client = Client(cluster)\n"
-        "client.wait_for_workers(1, timeout=120)\n"
-        "assert client.submit(lambda: 41 + 1).result(timeout=60) == 42\n"
-        "print('ready', cluster.scheduler.server.id, flush=True)\n"
-        "threading.Event().wait()\n"
+        + ("client.wait_for_workers(1, timeout=120)\n" if workers else "")
+        + "assert client.submit(lambda: 41 + 1).result(timeout=60) == 42\n" * workers
+        + "print('ready', cluster.scheduler.server.id, flush=True)\n"
+        + "threading.Event().wait()\n"
     )
     config = dask.config.get("hetzner")
     env = {
@@ -91,13 +100,14 @@ def test_no_client_timeout_deletes_the_cluster_of_a_killed_client(sim, tmp_path)
         "DASK_HETZNER__SCHEDULER_PORT": "0",
         "DASK_HETZNER__DASHBOARD_PORT": "0",
         "DASK_HETZNER__API__POLL_INTERVAL": "100ms",
+        "DASK_HETZNER__ENVIRONMENT": "minimal",  # as in conftest: the dask stack only
     }
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().split()
         assert line and line[0] == "ready", f"the client process did not start its cluster: {line}"
         scheduler_id = int(line[1])
-        assert len(servers_of(sim, "pol1")) == 2
+        assert len(servers_of(sim, name)) == 1 + workers
         home = sim.hosts.directory(scheduler_id) / ".dask-hetzner"
         state = home / "idle-state.json"
         wait_until(
@@ -107,15 +117,15 @@ def test_no_client_timeout_deletes_the_cluster_of_a_killed_client(sim, tmp_path)
         )
         assert json.loads(state.read_text())["no_client_since"] is None
         settings = json.loads((home / "idle.json").read_text())
-        assert (settings["timeout"], settings["no_client_timeout"], settings["max_lifetime"]) == (None, 4.0, 3600.0)
+        assert (settings["timeout"], settings["no_client_timeout"], settings["max_lifetime"]) == expected
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         wait_until(
-            lambda: "no_client_timeout" in (home / "idle.log").read_text(errors="replace"),
-            timeout=60, what="the watchdog deleting the cluster for want of a client",
+            lambda: why in (home / "idle.log").read_text(errors="replace"),
+            timeout=90, what=f"the watchdog deleting the cluster ({why})",
         )  # fmt: skip
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    wait_until(lambda: _leftovers(sim, "pol1") == {}, timeout=120, what="the killed client's cluster deleted")
+    wait_until(lambda: _leftovers(sim, name) == {}, timeout=120, what="the killed client's cluster deleted")

@@ -20,7 +20,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -40,8 +39,6 @@ from .timing import Timing
 __all__ = ["Simulator", "SpecViolation", "FaultRule", "parse_fault"]
 
 log = logging.getLogger(__name__)
-_IP_FREEBIND = 15  # linux/in.h: bind an address its interface does not hold yet
-
 T = TypeVar("T")
 
 
@@ -175,17 +172,21 @@ class Simulator:
         return self
 
     async def _serve_servers(self) -> None:
-        """Also answer at the client's address on the servers' network: a server in its own
-        network namespace cannot reach this machine's 127.0.0.1 (the Python mirror is there)."""
-        client_ip = getattr(self.hosts, "client_ip", None)
-        if not client_ip or self._runner is None:
+        """Also answer at this machine's address on the servers' network, and make that the
+        endpoint: a server in its own network namespace cannot reach this machine's 127.0.0.1,
+        and on Hetzner servers reach the API (the idle watchdog) and the internet."""
+        start_network = getattr(self.hosts, "start_network", None)
+        if start_network is None or self._runner is None:
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # The address is put on its link at the first boot: bind before it exists.
-        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
-        sock.bind((client_ip, 0))
-        await web.SockSite(self._runner, sock).start()
-        self._servers_side = f"http://{client_ip}:{sock.getsockname()[1]}"
+        client_ip = await start_network()
+        if not client_ip:
+            return
+        site = web.TCPSite(self._runner, client_ip, 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._servers_side = f"http://{client_ip}:{port}"
 
     async def close(self) -> None:
         """Stop answering, delete every server and its host, free the addresses."""
@@ -269,6 +270,8 @@ class Simulator:
     # -- facts ---------------------------------------------------------------
     @property
     def endpoint(self) -> str:
+        if self._servers_side is not None:  # reachable from this machine and from servers
+            return f"{self._servers_side}/v1"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"http://{host}:{self.port}/v1"
 

@@ -261,13 +261,14 @@ class HostManager:
             dirs.append(self.cache_dir)
         await asyncio.to_thread(rmtree, *dirs)
 
-    async def snapshot(self, server_id: int, image_id: int) -> None:
-        """Copy the server's disk (its directory and its /etc changes) into an image."""
+    async def snapshot(self, server_id: int, image_id: int) -> int:
+        """Copy the server's disk (its directory and its /etc changes) into an image; its size
+        in bytes."""
         host = self._hosts.get(server_id)
         if host is None:
-            return
+            return 0
         target = self._image_dir(image_id)
-        await asyncio.to_thread(_copy_disk, host.home, host.private / "etc" / "upper", target)
+        return await asyncio.to_thread(_copy_disk, host.home, host.private / "etc" / "upper", target)
 
     async def forget_image(self, image_id: int) -> None:
         await asyncio.to_thread(rmtree, self._image_dir(image_id))
@@ -284,6 +285,10 @@ class HostManager:
             return
         async with host.lock:
             await self.networking.apply_firewall(host)
+
+    async def start_network(self) -> str | None:
+        """The servers' network made now; this machine's address on it (None without)."""
+        return self.networking.client_ip if await self.networking.start() else None
 
     # -- extras for tests and diagnostics -----------------------------------
 
@@ -462,13 +467,14 @@ def _raise_fd_limit(wanted: int = 65536) -> None:
         pass
 
 
-def _copy_disk(home: Path, etc: Path, target: Path) -> None:
+def _copy_disk(home: Path, etc: Path, target: Path) -> int:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     if home.is_dir():
         shutil.copytree(home, target / "home", symlinks=True)
     if etc.is_dir():
         shutil.copytree(etc, target / "etc", symlinks=True)
+    return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _restore(image: Path, home: Path, etc: Path) -> None:

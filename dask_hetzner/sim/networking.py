@@ -43,6 +43,11 @@ class Networking:
     def started(self) -> bool:
         return self._network is not None and self._network.done() and self._network.result() is not None
 
+    async def start(self) -> bool:
+        """Make the network now (else at the first boot): the client's address exists from
+        here on, so the API can answer there (servers reach it, as they reach Hetzner's)."""
+        return await self._start() is not None
+
     async def connect(self, host: Host) -> None:
         """Give the server its namespace (first boot), its addresses and its firewall."""
         network = await self._start()

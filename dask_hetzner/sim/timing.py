@@ -37,6 +37,9 @@ class ServerTimings:
         }
 
 
+# Seconds per GB of image copied (snapshot or server from a snapshot): an assumption.
+IMAGE_SECONDS_PER_GB = 20.0
+
 class Timing:
     """Draws durations (seconds, already multiplied by ``time_scale``)."""
 
@@ -66,11 +69,17 @@ class Timing:
         # Tens of ms, lognormal around 30 ms.
         return self._scaled(min(0.25, self.rng.lognormvariate(math.log(0.03), 0.35)))
 
-    def create_server(self) -> float:
-        # 5 s minimum, median ~13 s, heavy-ish tail capped at 90 s.
+    def create_server(self, image_gb: float = 0.0) -> float:
+        # 5 s minimum, median ~13 s, heavy-ish tail capped at 90 s; from a snapshot, plus the
+        # time to copy the image onto the new disk.
         if self.instant:
             return 0.0
-        return self._scaled(min(90.0, 5.0 + self.rng.lognormvariate(math.log(8.0), 0.75)))
+        return self._scaled(min(90.0, 5.0 + self.rng.lognormvariate(math.log(8.0), 0.75))) + self.image_copy(image_gb)
+
+    def image_copy(self, image_gb: float) -> float:
+        """Copying an image of this size (a snapshot taken, a server made from one): the bigger
+        the image, the longer (docs/simulator.md: an assumed rate, not a measured one)."""
+        return self._scaled(image_gb * IMAGE_SECONDS_PER_GB)
 
     def start_server(self) -> float:
         return self._scaled(self.rng.uniform(2.0, 5.0)) if not self.instant else 0.0

@@ -252,6 +252,9 @@ async def test_a_server_from_a_snapshot_starts_with_its_disk(servers: Servers) -
     assert r.status == 201, r.body
     await wait_action(servers.raw, r.body["action"]["id"])
     image = r.body["image"]["id"]
+    # Its size is what the disk holds: the files written above (a few bytes, not GBs).
+    size = (await servers.raw.get(f"/images/{image}")).body["image"]["image_size"]
+    assert 0 < size < 0.01, size
     key = (await servers.raw.get("/ssh_keys")).body["ssh_keys"][0]["id"]
     r = await servers.raw.post("/servers", server_body("copy", image=image, ssh_keys=[key]))
     assert r.status == 201, r.body

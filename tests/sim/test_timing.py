@@ -28,6 +28,17 @@ def test_realistic_draws_are_seeded_and_in_range():
     assert Timing("realistic", seed=1).create_server() != Timing("realistic", seed=2).create_server()
 
 
+def test_a_bigger_image_takes_longer():
+    """A server from a snapshot, or a snapshot taken, costs the image's copy: the bigger, the
+    longer (realistic profile); nothing in the instant one."""
+    small, big = Timing("realistic", seed=5), Timing("realistic", seed=5)
+    assert big.create_server(image_gb=3.0) - small.create_server(image_gb=0.5) == pytest.approx(
+        small.image_copy(3.0) - small.image_copy(0.5)
+    )
+    assert small.image_copy(3.0) > small.image_copy(0.5) > 0
+    assert Timing("instant").create_server(image_gb=3.0) == Timing("instant").image_copy(3.0) == 0
+
+
 def test_time_scale_keeps_proportions():
     full, fast = Timing("realistic", 1.0, seed=3), Timing("realistic", 0.05, seed=3)
     for _ in range(20):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -100,16 +101,19 @@ class ImageStore:
 
     async def _finish(self, server: Server, img: Image, action: Action) -> None:
         snapshot = getattr(self.hosts, "snapshot", None)
-        copied = True
+        copied, size = True, 0
         if snapshot is not None and server.host_exists:
             try:  # the disk is in the image before its action ends
-                await snapshot(server.id, img.id)
+                size = await snapshot(server.id, img.id) or 0
             except Exception:
                 log.exception("snapshot %s of server %s: copying its disk failed", img.id, server.id)
                 copied = False
+        gb = size / 1e9
+        await asyncio.sleep(self.core.timing.image_copy(gb))  # the bigger, the longer
         ok = await self.core.run_action(action) and copied
         if server.busy is action:
             server.busy = None
         if img.id in self.snapshots:
             img.status = "available" if ok else "unavailable"
-            img.image_size = round(server.server_type.disk * 0.05, 2) if ok else None
+            # What the disk holds (the host's copy), or a twentieth of it where no host exists.
+            img.image_size = (gb if size else round(server.server_type.disk * 0.05, 2)) if ok else None

@@ -238,7 +238,8 @@ class ServerStore:
 
     def _actions(self, server: Server, body: dict[str, Any], refs: Refs) -> Created:
         sid, timing, drawn = server.id, self.core.timing, server.timings.drawn
-        drawn["create"] = timing.create_server()
+        snapshot_gb = (server.image.image_size or 0.0) if server.image.type != "system" else 0.0
+        drawn["create"] = timing.create_server(snapshot_gb)  # from a snapshot: its copy too
         create = self.core.new_action("create_server", [(sid, "server")], duration=drawn["create"])
         drawn["create"] = create.duration if create.duration is not None else float("inf")
         start_after = body.get("start_after_create")

@@ -105,6 +105,8 @@ class ClusterLifecycle(SpecCluster):
                 f"a cluster named {s.name!r} already exists in this project "
                 "(reattach with HetznerCluster.from_name or delete it with dask-hetzner nuke)"
             )
+        # Last: its POST (which creates nothing) is sent only when every other check passed.
+        await cloud.check_write()
 
     async def _teardown(self) -> None:
         """Delete everything of this cluster once, however many callers ask."""

@@ -134,13 +134,14 @@ async def test_a_read_only_token_is_refused_before_anything_is_created(sim: Any)
 
     cloud = Cloud(sim.readonly_token, sim.endpoint)
     try:
+        await cloud.check_token()  # every GET works with it
         with pytest.raises(ConfigError, match=r"read-only token .*Read & Write"):
-            await cloud.check_token()
+            await cloud.check_write()
     finally:
         cloud.close()
     cloud = Cloud(sim.token, sim.endpoint)
     try:
-        await cloud.check_token()  # a Read & Write token passes, and nothing is created
+        await cloud.check_write()  # a Read & Write token passes, and nothing is created
     finally:
         cloud.close()
     assert sim.leaks() == {}

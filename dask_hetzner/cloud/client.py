@@ -95,6 +95,9 @@ class Cloud:
             if refused is e:
                 raise
             raise refused from None
+
+    async def check_write(self) -> None:
+        """A read-only token refused before anything is created: a POST that creates nothing."""
         try:
             await self.retry.call("checking the API token's write access", self.sdk.check_write)
         except CloudError as e:

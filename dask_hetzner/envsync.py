@@ -138,5 +138,22 @@ def resolve(requirements: list[str], *, python: str, architecture: str, index_ur
     if done.returncode != 0:
         tail = "\n".join(line for line in done.stderr.strip().splitlines()[-12:] if line.strip())
         raise ConfigError(
-            f"the servers' packages cannot be installed on {architecture} Linux with Python {python}:\n{tail}"
+            f"the servers' packages cannot be installed on {architecture} Linux with Python {python}: "
+            f"{uv_cause(done.stderr)}\n{tail}"
         )
+
+
+def uv_cause(stderr: str) -> str:
+    """uv's reason in one line: its ``cause:`` paragraph (wrapped over indented lines) joined,
+    else its first ``error:`` line."""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("cause:"):
+            words = [line.strip().removeprefix("cause:").strip()]
+            for more in lines[i + 1 :]:
+                if not more.startswith("  ") or more.strip().startswith(("hint:", "help:")):
+                    break
+                words.append(more.strip())
+            return " ".join(words)
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    return errors[0] if errors else "see uv's output below"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 
 import dask
+import dask.utils
 import pytest
 from distributed import Client
 from support import sdk, servers_of, wait_until
 
-from dask_hetzner import HetznerCluster, list_clusters
+from dask_hetzner import HetznerCluster, list_clusters, memory
 from dask_hetzner.bill import Bill
 from dask_hetzner.cloud import LABEL_ROLE, ConfigError, ServerTypeInfo
 from dask_hetzner.cloud.preferences import candidates
@@ -95,7 +96,10 @@ def test_sold_out_type_falls_through_the_list_and_the_bill_is_hetzners(sim, capl
             # cx33 (first orderable) has 4 vCPUs and 8 GB; cpx22, which they got, 2 and 4 GB.
             workers = client.scheduler_info()["workers"].values()
             assert {w["nthreads"] for w in workers} == {2}
-            assert {w["memory_limit"] for w in workers} == {int(4 * 0.9 * 1024) * 2**20}
+            # Memory: what a 4 GB server's /proc/meminfo shows, less the overhead (memory.py).
+            total_kb = int(4 * 1024**2 * 0.96)  # the simulator's 4 GB server (sim/sandbox.py)
+            expected = dask.utils.parse_bytes(memory.limit_for(total_kb * 1024))
+            assert {w["memory_limit"] for w in workers} == {expected}
             assert "workers=2 (2 cpx22)" in repr(cluster)
             page = cluster._repr_html_()
             assert "workers cx22 &gt; cx33 &gt; cpx22" in page and ">cpx22<" in page

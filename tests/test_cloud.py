@@ -24,6 +24,6 @@ async def test_cached_server_types_costs_no_request(sim: Any) -> None:
         assert cloud.cached_server_types() is types
         assert await cloud.server_types() is types and cloud.requests == sent
         cx23 = types["cx23"]
-        assert cx23.price(["fsn1"]) == cx23.hourly["fsn1"] > 0
+        assert cx23.price(["fsn1"]) == cx23.billed("fsn1") == cx23.hourly["fsn1"] + cx23.ipv4["fsn1"] > 0
     finally:
         cloud.close()

@@ -181,8 +181,21 @@ def test_firewall_only_opens_ssh(sim):
             assert server.private_net, "scheduler must be on the private network"
 
 
-def test_failing_bootstrap_is_reported_and_rolled_back(sim, caplog):
-    """A misspelled package: not retried, the cause in the first line, the log's tail after."""
+def test_failing_bootstrap_is_reported_and_rolled_back(sim, caplog, monkeypatch):
+    """A misspelled package: refused before any server exists, the cause in its first line.
+    Where that check cannot know (here: skipped), the bootstrap's failure is not retried, the
+    cause is in the first line, the log's tail after."""
+    from dask_hetzner.payload import Payload
+
+    with pytest.raises(Exception, match="cannot be installed") as early:
+        HetznerCluster(workers=1, name="boot0", packages=["dask-hetzner-no-such-package==0.0.1"])
+    assert "dask-hetzner-no-such-package was not found in the package registry" in str(early.value).splitlines()[0]
+    assert not [k for k in sim.stats.requests if k.startswith("POST")], "refused only after creating"
+
+    async def unchecked(self, architectures):
+        return None
+
+    monkeypatch.setattr(Payload, "check", unchecked)
     with pytest.raises(Exception, match="bootstrap.log") as info:
         HetznerCluster(workers=1, name="boot1", packages=["dask-hetzner-no-such-package==0.0.1"])
     first, *rest = str(info.value).splitlines()

@@ -27,6 +27,7 @@ class HostSpec:
     authorized_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
     user_data: str | None = None  # cloud-config; ssh_keys.*_private pin the host key
     snapshot: int | None = None  # the snapshot (image id) the server was created from
+    memory_gb: float | None = None  # the server type's memory: what its /proc/meminfo shows
 
 
 class Host:

@@ -79,7 +79,7 @@ from typing import Any
 from .cpu import CpuShares
 from .host import Host, HostSpec
 from .networking import Networking
-from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool
+from .sandbox import HOST_NICENESS, Sandbox, popen, prepare_dirs, probe, start, tool, write_meminfo
 from .sessions import Sessions
 from .sshd import authorized_keys, cloud_config_ssh_port, host_keys, listen
 
@@ -358,6 +358,8 @@ class HostManager:
             return None
         popen_in = functools.partial(self.popen_in, host)
         netns = host.netns.pid if host.netns is not None else None
+        if host.spec.memory_gb:  # sandbox.sh mounts it on /proc/meminfo
+            await asyncio.to_thread(write_meminfo, host.private / "meminfo", host.spec.memory_gb)
         return await start(host.spec.server_id, host.spec.name, host.dirs, popen_in, netns)
 
     # -- network ----------------------------------------------------------

@@ -252,6 +252,26 @@ def prepare_dirs(dirs: Dirs, *, fresh_tmp: bool = True) -> None:
         (dirs.private / "etc" / name).mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
+# Lines of /proc/meminfo that describe the machine's size; the rest is the host's.
+_SIZE_LINES = ("MemTotal:", "MemFree:", "MemAvailable:")
+# MemTotal / nominal memory on a cloud server (the kernel's own share): an estimate.
+_VISIBLE = 0.96
+
+
+def write_meminfo(path: Path, memory_gb: float) -> None:
+    """A /proc/meminfo for a server of ``memory_gb`` (its type's memory): the machine's own
+    lines, with its size lines those of the server (Linux shows a bit less than nominal)."""
+    total_kb = int(memory_gb * 1024**2 * _VISIBLE)
+    lines = []
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line.strip() else ""
+        if key in _SIZE_LINES:
+            share = 1.0 if key == "MemTotal:" else 0.9  # a fresh server: most of it free
+            line = f"{key:<16}{int(total_kb * share):>8} kB"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+
+
 async def read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**20)

@@ -27,6 +27,8 @@ hostname "${name:0:64}" # the kernel's limit
 # hides their host paths. mount -c binds /proc/self/fd/N without resolving it
 # to a (hidden) path.
 exec 3<"$home" 4<"$cache" 5<"$priv/tmp" 6<"$priv/var-tmp" 7<"$shims" 8<"$priv/etc"
+# The server's own size in /proc/meminfo (its type's memory, not this machine's).
+if [ -f "$priv/meminfo" ]; then exec 10<"$priv/meminfo"; fi
 bindfd() {
     [ -d "$2" ] || mkdir -p "$2"
     mount -c --bind "/proc/self/fd/$1" "$2"
@@ -91,6 +93,11 @@ mount -t proc -o nosuid,nodev,noexec proc /proc
 for p in sys sysrq-trigger irq; do
     if [ -e "/proc/$p" ]; then mount -o bind,ro "/proc/$p" "/proc/$p"; fi
 done
+if [ -e /proc/self/fd/10 ]; then
+    mount -c --bind /proc/self/fd/10 /proc/meminfo
+    mount -o remount,bind,ro /proc/meminfo
+    exec 10<&-
+fi
 
 echo "ready $hostpid"
 exec >/dev/null 2>&1 </dev/null

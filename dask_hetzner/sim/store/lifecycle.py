@@ -119,6 +119,7 @@ class Lifecycle:
             authorized_keys=[] if crashed else list(server.authorized_keys),
             user_data=None if crashed else server.user_data,
             snapshot=server.image.id if server.image.type != "system" else None,
+            memory_gb=server.server_type.memory,
         )
         server.host_exists = True
         try:

@@ -32,6 +32,7 @@ def cli_env(sim, state_dir: Path) -> dict[str, str]:
             "DASK_HETZNER__TIMEOUTS__PROCESS_START": "120s",
             "DASK_HETZNER__TIMEOUTS__CLOSE": "60s",
             "DASK_HETZNER__ENVIRONMENT": "minimal",  # as in conftest: the dask stack only
+            "DASK_HETZNER__KEEP_PAID_SERVERS": "False",  # as in conftest: retired means deleted
             "COLUMNS": "200",  # rich tables: no wrapping in captured output
         }
     )

@@ -42,10 +42,12 @@ def _project(root: Path, value: int) -> Path:
 
 
 @pytest.fixture
-def s3(monkeypatch):
+def s3(sim, monkeypatch):
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    # Where servers reach this machine (each server's own 127.0.0.1 is its own).
+    address = getattr(sim.hosts, "client_ip", None) or "127.0.0.1"
+    server = ThreadedMotoServer(ip_address=address, port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

@@ -13,7 +13,7 @@ os.environ["DASK_HETZNER__STATE_DIR"] = tempfile.mkdtemp(prefix="dask-hetzner-te
 
 import dask  # noqa: E402
 import pytest  # noqa: E402
-from support import free_port  # noqa: E402
+from support import FAST, free_port  # noqa: E402
 
 # Tests never talk to the real API, whatever the developer's environment says.
 for var in ("HCLOUD_TOKEN", "HCLOUD_ENDPOINT"):
@@ -122,3 +122,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(
             f"| {r['scenario']} | {outcome} | {r['seconds']:.1f} | {r['leaked']} |"
         )
+
+
+@pytest.fixture
+def fsim(sim) -> Iterator:
+    """``sim`` with fast retries and short bounds (``support.FAST``)."""
+    with dask.config.set(FAST):
+        yield sim

@@ -79,3 +79,15 @@ def processes_showing(secret: str) -> list[str]:
         if secret in args:
             found.append(f"{entry.name}: {args[:200]}")
     return found
+
+
+# Retries in milliseconds and short bounds: production keeps 1 s / 30 s backoff and minutes.
+FAST = {
+    "hetzner.api.backoff-base": "20ms",
+    "hetzner.api.backoff-max": "500ms",
+    "hetzner.timeouts.api-request": "10s",
+    "hetzner.timeouts.server-create": "20s",
+    "hetzner.timeouts.ssh": "20s",
+    "hetzner.timeouts.process-start": "60s",
+    "hetzner.timeouts.close": "30s",
+}

@@ -36,24 +36,6 @@ from dask_hetzner.security import HostKey, cloud_config
 
 pytestmark = pytest.mark.slow
 
-# Retries in milliseconds and short bounds: production keeps 1 s / 30 s backoff and minutes.
-FAST = {
-    "hetzner.api.backoff-base": "20ms",
-    "hetzner.api.backoff-max": "500ms",
-    "hetzner.timeouts.api-request": "10s",
-    "hetzner.timeouts.server-create": "20s",
-    "hetzner.timeouts.ssh": "20s",
-    "hetzner.timeouts.process-start": "60s",
-    "hetzner.timeouts.close": "30s",
-}
-
-
-@pytest.fixture
-def fsim(sim) -> Iterator[Any]:
-    with dask.config.set(FAST):
-        yield sim
-
-
 def _leaked(sim: Any) -> str:
     leaks = sim.leaks()
     return ", ".join(f"{len(v)} {k}" for k, v in leaks.items()) or "none"

@@ -8,7 +8,6 @@ that says what went wrong and what to do; and nothing left behind (the ``sim`` f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import dask
@@ -20,23 +19,6 @@ from dask_hetzner import HetznerCluster, memory
 from dask_hetzner.cloud import LABEL_CLUSTER
 
 pytestmark = pytest.mark.slow
-
-FAST = {
-    "hetzner.api.backoff-base": "20ms",
-    "hetzner.api.backoff-max": "500ms",
-    "hetzner.timeouts.api-request": "10s",
-    "hetzner.timeouts.server-create": "20s",
-    "hetzner.timeouts.ssh": "20s",
-    "hetzner.timeouts.process-start": "60s",
-    "hetzner.timeouts.close": "30s",
-}
-
-
-@pytest.fixture
-def fsim(sim: Any) -> Iterator[Any]:
-    with dask.config.set(FAST):
-        yield sim
-
 
 def _mem_total(sim: Any, server_id: int) -> int:
     """MemTotal as the server sees it (its own /proc/meminfo, through its init's mounts)."""

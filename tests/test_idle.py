@@ -20,7 +20,7 @@ from hcloud.images import Image
 from hcloud.locations import Location
 from hcloud.networks import NetworkSubnet
 from hcloud.server_types import ServerType
-from support import sdk, servers_of, wait_until
+from support import processes_showing, sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, idle
 from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
@@ -217,21 +217,6 @@ def test_bad_idle_timeout_refused(sim):
 # Whole clusters on the simulator -------------------------------------------------------------
 
 
-def _processes_showing(secret: str) -> list[str]:
-    """Command lines of every process on this machine (simulated servers included) with ``secret``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if secret in args:
-            found.append(f"{entry.name}: {args[:200]}")
-    return found
-
-
 @pytest.mark.slow
 def test_killed_client_cluster_deletes_itself(sim, tmp_path):
     """A client process that dies (SIGKILL: no atexit, no close) leaves nothing behind."""
@@ -289,7 +274,7 @@ def test_killed_client_cluster_deletes_itself(sim, tmp_path):
 def _check_token_confined(sim, name: str, scheduler_id: int) -> None:
     """The token: in one 0600 file on the scheduler's server, and nowhere else we can see."""
     token = sim.token
-    assert _processes_showing(token) == [], "the token shows in a process's arguments"
+    assert processes_showing(token) == [], "the token shows in a process's arguments"
     servers = servers_of(sim, name)
     for server in servers:
         assert token not in json.dumps(server.labels)

@@ -81,7 +81,10 @@ class Login:
             port=self.port,
             client_key=self._private_key,
             host_key=host_key,
-            timeout=30.0,
+            # One attempt: a healthy sshd logs in within a second or two; a connection that
+            # was accepted but stalls (a half-started sshd) is better dropped and retried
+            # within the ssh bound than waited out beyond it.
+            timeout=min(30.0, max(5.0, self._ssh_timeout / 3)),
             retry_until=self._ssh_timeout if retry_for is None else retry_for,
             probe_interval=probe_interval,
         )

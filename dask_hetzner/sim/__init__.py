@@ -178,7 +178,8 @@ class Simulator:
         start_network = getattr(self.hosts, "start_network", None)
         if start_network is None or self._runner is None:
             return
-        client_ip = await start_network()
+        assert self.store is not None
+        client_ip = await start_network([self.store.public_pool.cidr])
         if not client_ip:
             return
         site = web.TCPSite(self._runner, client_ip, 0)

@@ -73,6 +73,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,9 +287,10 @@ class HostManager:
         async with host.lock:
             await self.networking.apply_firewall(host)
 
-    async def start_network(self) -> str | None:
-        """The servers' network made now; this machine's address on it (None without)."""
-        return self.networking.client_ip if await self.networking.start() else None
+    async def start_network(self, guarded: Sequence[str] = ()) -> str | None:
+        """The servers' network made now; this machine's address on it (None without).
+        ``guarded``: the public address blocks, unreachable until a server has its address."""
+        return self.networking.client_ip if await self.networking.start(guarded) else None
 
     # -- extras for tests and diagnostics -----------------------------------
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .sandbox import TOOL_ENV, Child, popen, read_pipe, tool
+from .store.addresses import AddressPool
 
 # Routed from a server into the bridge: the public and private address pools
 # (store/addresses.py), so servers reach each other at either address.
@@ -46,8 +47,8 @@ _COMMAND_TIMEOUT = 30.0
 T = TypeVar("T")
 
 
-async def run(argv: Sequence[str], stdin: str = "") -> None:
-    """Run a network tool; raise with its output if it fails."""
+async def run(argv: Sequence[str], stdin: str = "") -> str:
+    """Run a network tool; its output, or raise with it if it fails."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=subprocess.PIPE,
@@ -64,6 +65,7 @@ async def run(argv: Sequence[str], stdin: str = "") -> None:
         raise
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])}... failed: {out.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
 
 
 def in_netns(pid: int, *argv: str) -> list[str]:
@@ -115,12 +117,20 @@ class Holder:
 
 
 class Network:
-    """The hub and this machine's link to it (one per HostManager)."""
+    """The hub and this machine's link to it (one per HostManager).
 
-    def __init__(self, client_ip: str) -> None:
+    ``guarded``: this simulator's public address blocks. Until a server's /32 route exists
+    (created, not booted yet; deleted), its address is *unreachable* from this machine, as
+    an address of a server not up is on Hetzner; without that route it would fall to the
+    ``127.0.0.0/8`` loopback route, and whatever listens on ``0.0.0.0:22`` here (a CI
+    machine's sshd) would answer the client's first SSH attempts.
+    """
+
+    def __init__(self, client_ip: str, guarded: Sequence[str] = ()) -> None:
         self.client_ip = client_ip  # this machine's address on the simulated network
         self.link = f"{_HOST_LINK_PREFIX}{os.getpid()}"
         self.hub: Holder | None = None
+        self.guarded = list(guarded)
 
     async def start(self) -> None:
         await reclaim()
@@ -136,12 +146,17 @@ class Network:
         await _sysctl(None, f"net/ipv4/conf/{self.link}/route_localnet")
         await run([tool("ip"), "link", "set", self.link, "up"])
         await run(in_netns(hub, tool("ip"), "link", "set", _HUB_PORT, "master", _BRIDGE, "up"))
+        for block in self.guarded:
+            await run([tool("ip"), "route", "replace", "table", "local", "unreachable", block])
 
     async def close(self) -> None:
         """Deleting this machine's end removes both links and every route through them (the
         hub's death would too, but later: the kernel dismantles namespaces in the background)."""
         with contextlib.suppress(RuntimeError):
             await run([tool("ip"), "link", "del", self.link])
+        for block in self.guarded:  # no link carries these: deleted by hand
+            with contextlib.suppress(RuntimeError):
+                await run([tool("ip"), "route", "del", "table", "local", "unreachable", block])
         if self.hub is not None:
             await self.hub.stop()
             self.hub = None
@@ -175,10 +190,24 @@ class Network:
 
 
 async def reclaim() -> None:
-    """Delete the links of simulators that died without closing (their pid is gone)."""
+    """Delete the links of simulators that died without closing (their pid is gone), and
+    their guard routes (no live simulator holds the block)."""
     for name in await asyncio.to_thread(_orphan_links):
         with contextlib.suppress(RuntimeError):
             await run([tool("ip"), "link", "del", name])
+    shown = await run([tool("ip"), "route", "show", "table", "local", "type", "unreachable"])
+    for block in await asyncio.to_thread(_orphan_guards, shown):
+        with contextlib.suppress(RuntimeError):
+            await run([tool("ip"), "route", "del", "table", "local", "unreachable", block])
+
+
+def _orphan_guards(shown: str) -> list[str]:
+    """The guard routes in ``ip route show ... type unreachable`` whose block is free."""
+    found = []
+    for match in re.finditer(r"^(?:unreachable\s+)?(127\.(\d+)\.0\.0/16)\b", shown, re.MULTILINE):
+        if not AddressPool.claimed("public", int(match.group(2))):
+            found.append(match.group(1))
+    return found
 
 
 def _orphan_links() -> list[str]:

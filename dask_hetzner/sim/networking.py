@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from . import firewall
@@ -33,6 +34,7 @@ class Networking:
             self._pool = AddressPool("client", range(1, 64))
             self._client_ip = self._pool.allocate()[0]
         self.rules: dict[int, Rules] = {}  # by server id, as the API last gave them
+        self._guarded: list[str] = []
 
     @property
     def client_ip(self) -> str | None:
@@ -43,9 +45,11 @@ class Networking:
     def started(self) -> bool:
         return self._network is not None and self._network.done() and self._network.result() is not None
 
-    async def start(self) -> bool:
+    async def start(self, guarded: Sequence[str] = ()) -> bool:
         """Make the network now (else at the first boot): the client's address exists from
-        here on, so the API can answer there (servers reach it, as they reach Hetzner's)."""
+        here on, so the API can answer there (servers reach it, as they reach Hetzner's).
+        ``guarded``: the public address blocks (``Network``)."""
+        self._guarded = list(guarded)
         return await self._start() is not None
 
     async def connect(self, host: Host) -> None:
@@ -108,7 +112,7 @@ class Networking:
         if self._client_ip is None:
             return None
         try:
-            network = Network(self._client_ip)
+            network = Network(self._client_ip, self._guarded)
             await network.start()
         except Exception as exc:
             log.warning("simulated servers SHARE this machine's network (no namespaces): %s", exc)

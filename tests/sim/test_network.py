@@ -4,6 +4,7 @@ filter, driven through the API like a user would, with real SSH and real sockets
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from pathlib import Path
@@ -16,7 +17,7 @@ from support import free_port
 
 from dask_hetzner.provision.shared import firewall_rules
 from dask_hetzner.settings import ClusterSettings
-from dask_hetzner.sim import Simulator
+from dask_hetzner.sim import Simulator, netns
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,6 +190,34 @@ async def test_each_server_has_its_own_loopback_ports_and_firewall(servers: Serv
     assert await answer(servers.public["alpha"], port) == "alpha"
 
 
+async def test_an_address_without_a_server_is_unreachable_not_this_machine(servers: Servers) -> None:
+    """Before a server boots (the client already probes its SSH) and after it is deleted, its
+    address has no host, as on Hetzner. It must not fall to this machine's loopback, where
+    whatever listens on 0.0.0.0 (a CI machine's sshd on port 22) would answer instead."""
+    port = free_port("0.0.0.0")
+    block = servers.sim.store.public_pool.block
+    with socket.create_server(("0.0.0.0", port)):  # this machine's own service
+        for ip in (f"127.{block}.200.9", f"127.{block}.0.1"):  # never handed out; the next one
+            assert await reach(ip, port) == "unreachable"
+        await servers.create(["alpha"])
+        await servers.serve("alpha", "0.0.0.0", port)
+        assert await answer(servers.public["alpha"], port) == "alpha"
+        gone = await servers.raw.delete(f"/servers/{servers.ids.pop('alpha')}")
+        assert gone.status == 200, gone.body
+        await servers.sim.settle(timeout=60)
+        assert await reach(servers.public["alpha"], port) == "unreachable"
+
+
+async def reach(host: str, port: int) -> str:
+    """"unreachable" when the kernel has no way to ``host``; else what ``answer`` says."""
+    try:
+        return await answer(host, port)
+    except OSError as e:
+        if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "unreachable"
+        raise
+
+
 def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
     """SIGKILL gives the simulator no chance to clean up: the kernel must do it."""
     import signal
@@ -223,7 +252,9 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
                 with socket.create_connection((ip, 22), timeout=10) as sock:  # in its namespace
                     assert sock.recv(100).startswith(b"SSH-2.0-")
                     break
-            except ConnectionRefusedError:
+            except OSError as e:  # refused by the server, or no route to it yet
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
+                    raise
                 assert time.monotonic() < deadline, "SSH did not come up"
                 time.sleep(0.05)
         link = f"dhsim{proc.pid}"
@@ -235,6 +266,19 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
     while link in os.listdir("/sys/class/net") or _route_to(ip):
         assert time.monotonic() < deadline, "the killed simulator's link or route stayed"
         time.sleep(0.05)
+    # Its guard route (Network.guarded) is carried by no link: the next start reclaims it.
+    guard = ip.rsplit(".", 2)[0] + ".0.0/16"
+    assert guard in _unreachable_routes()
+    asyncio.run(netns.reclaim())
+    assert guard not in _unreachable_routes()
+
+
+def _unreachable_routes() -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["ip", "route", "show", "table", "local", "type", "unreachable"], capture_output=True, text=True
+    ).stdout
 
 
 def _route_to(ip: str) -> bool:

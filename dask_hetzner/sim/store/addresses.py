@@ -49,6 +49,11 @@ class AddressPool:
         self._free: deque[int] = deque()
         self._used: set[int] = set()
 
+    @property
+    def cidr(self) -> str:
+        """The whole block this pool hands addresses out of."""
+        return f"127.{self.block}.0.0/16"
+
     def _ip(self, n: int) -> str:
         return f"127.{self.block}.{n // 254}.{n % 254 + 1}"
 
@@ -70,6 +75,21 @@ class AddressPool:
         if n in self._used:
             self._used.discard(n)
             self._free.append(n)
+
+    @staticmethod
+    def claimed(kind: str, block: int) -> bool:
+        """Whether a live simulator (any process) holds this block."""
+        try:
+            fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115
+        except OSError:
+            return True  # another user's: theirs to reclaim
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
 
     def close(self) -> None:
         if self._fh is not None:

@@ -57,7 +57,7 @@ def test_schemathesis_finds_no_failure(sim: Simulator, tmp_path: Path) -> None:
     assert implemented_spec(spec) == len({r.operation_id for r in ROUTES})
     result = subprocess.run(
         [str(st), "run", str(spec), "--url", sim.endpoint, "-H", f"Authorization: Bearer {sim.token}",
-         "--max-examples", "3", "--max-time", "60", "--seed", "1", "--no-shrink", "--workers", "1",
+         "--max-examples", "3", "--max-time", "30", "--seed", "1", "--no-shrink", "--workers", "1",
          "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance",
          "--report-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,

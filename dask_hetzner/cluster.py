@@ -248,6 +248,8 @@ class HetznerCluster(ClusterLifecycle):
             idle = IdleSettings(
                 settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout,
                 no_client_timeout=settings.no_client_timeout, max_lifetime=settings.max_lifetime,
+                # Kept servers of a client that is gone: deleted within their paid hour.
+                kept_grace=settings.keep_margin / 2 if settings.keep_paid_servers else None,
             )  # fmt: skip
         versions = local_versions()
         # A new start id, or the one of the cluster reattached to (LABEL_START).

@@ -6,6 +6,7 @@ docs/simulator.md); a type the catalog shows unavailable must be skipped without
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import dask
@@ -178,7 +179,15 @@ def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
             (price, ipv4) = gross_hourly(sim, "cx23")
             assert cluster.hourly_cost == pytest.approx(2 * (price + ipv4)), "a kept server is billed"
 
+            # max_hourly_cost counts the kept servers a scale leaves kept, once: here (a lower
+            # limit set on the running cluster) the scheduler and one worker fit, and a scale
+            # to one worker passes, the new worker taking the kept server.
+            settings = cluster.context.settings
+            cluster.context.settings = dataclasses.replace(settings, max_hourly_cost=2.5 * (price + ipv4))
+            assert cluster._kept_hourly(0) == pytest.approx(price + ipv4)  # a scale to 0 leaves it
+            assert cluster._kept_hourly(1) == 0.0  # taken by the new worker
             cluster.scale(1)  # worker-1 takes the kept server: no create, no boot, no bootstrap
+            cluster.context.settings = settings
             client.wait_for_workers(1, timeout=60)
             (worker,) = client.scheduler_info()["workers"].values()
             (taken,) = _by_role(sim, "keep1")["worker"]

@@ -467,7 +467,8 @@ class ClusterLifecycle(SpecCluster):
             if w is not None and w.status == Status.created:
                 w.status = Status.failed  # SpecCluster's close checks every node it made
             specs[n] = self.worker_spec.pop(n, None) or self.new_spec
-        self._replace_failed({n: self._provisioner.failures.pop(n, e) for n in failed}, specs)
+        errors: dict[str, BaseException] = {n: self._provisioner.failures.pop(n, e) for n in failed}
+        asyncio.ensure_future(self._replace_failed(errors, specs))
 
     async def _late_done(self, name: str, spec: dict[str, Any], error: BaseException | None) -> None:
         """A late worker's provisioning ended: it joins the plan (its node takes the ready
@@ -479,12 +480,13 @@ class ClusterLifecycle(SpecCluster):
             self._correct_state()
             return
         self._provisioner.discard(name)
-        self._replace_failed({name: error}, {name: spec})
+        await self._replace_failed({name: error}, {name: spec})
 
-    def _replace_failed(self, errors: dict[str, BaseException], specs: dict[str, Any]) -> None:
+    async def _replace_failed(self, errors: dict[str, BaseException], specs: dict[str, Any]) -> None:
         """Failed workers: each gets one successor (late.Replacements), joining when ready;
-        the others are named in an error."""
-        if self.status != Status.running or self._scheduler_gone or self._ctx.factory.closing:
+        the others are named in an error. None while the cluster is closing or its scheduler
+        is gone (another process's close deleted it: successors would be created in vain)."""
+        if not await self._usable():
             logger.error("cluster %s: workers failed to start: %s", self.name, late.describe(errors))
             return
         decision = self._replacements.decide(errors, self._next_worker_name, self._check_more_workers)
@@ -500,10 +502,29 @@ class ClusterLifecycle(SpecCluster):
                 self.name, old, why, late.reason(errors[old]),
             )  # fmt: skip
 
+    async def _usable(self) -> bool:
+        """Running, not closing, and its scheduler answers (briefly asked)."""
+        if self.status != Status.running or self._scheduler_gone or self._ctx.factory.closing:
+            return False
+        try:
+            await asyncio.wait_for(self._scheduler_rpc.identity(), 10)
+        except Exception:
+            return False
+        return self.status == Status.running and not self._ctx.factory.closing
+
     def _next_worker_name(self) -> str:
-        name = self._new_worker_name(self._i)
-        self._i += 1
+        (name,) = self.new_worker_spec()
         return name
+
+    def new_worker_spec(self) -> dict[str, Any]:
+        # SpecCluster gives a retired worker's name again, while its server (kept, or being
+        # deleted) still has that name and labels: a new worker would meet it (409, adopted).
+        # Here a name is never given twice, nor a late worker's.
+        taken = set(self.worker_spec) | set(self.workers) | set(self._late.specs)
+        while self._new_worker_name(self._i) in taken:
+            self._i += 1
+        self._i += 1
+        return {self._new_worker_name(self._i - 1): self.new_spec}
 
     def _check_more_workers(self, k: int) -> None:
         """Refuse (``ConfigError``) ``k`` workers more than the plan holds, by every limit."""

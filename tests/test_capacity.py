@@ -171,7 +171,8 @@ def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
             cluster.scale(0)
             wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the retired worker's server kept")
             assert not client.scheduler_info()["workers"]
-            assert [s.id for s in _by_role(sim, "keep1")["kept"]] == [first.id]
+            # Renamed: dask may name a new worker like the retired one; server names are unique.
+            assert [(s.id, s.name) for s in _by_role(sim, "keep1")["kept"]] == [(first.id, f"keep1-kept-{first.id}")]
             assert "1 kept (paid, idle until " in repr(cluster)
             assert "paid, idle until " in cluster._repr_html_()
             (info,) = [c for c in list_clusters() if c.name == "keep1"]
@@ -207,6 +208,8 @@ def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
             cluster.scale(1)  # nothing kept: created anew
             client.wait_for_workers(1, timeout=120)
             assert sim.stats.requests["POST /servers"] == posts + 1
+            # A worker name is never given twice (SpecCluster would give worker-1 again).
+            assert [w["name"] for w in client.scheduler_info()["workers"].values()] == ["worker-2"]
             cluster.scale(0)
             wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the last worker's server kept")
             assert cluster.server_hours == sim.bill("keep1")["server_hours"] == 3

@@ -52,7 +52,29 @@ async def _workers(client: Any) -> int:
     return len(await client.scheduler.ncores())  # every worker (scheduler_info shows only 5)
 
 
-async def bursty(sim: SimProcess, scale: float, bursts: int, keep: bool, timeout: float) -> dict[str, Any]:
+class Phases:
+    """Each node's progress reports with their times: how long a restart onto a kept server
+    took (its first report, "restarting kept server ...", to "running")."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[tuple[float, str]]] = {}
+
+    def __call__(self, node: str, phase: str) -> None:
+        self.seen.setdefault(node, []).append((time.monotonic(), phase))
+
+    def restarts(self) -> list[float]:
+        out = []
+        for phases in self.seen.values():
+            if phases[0][1].startswith("restarting kept server"):
+                running = [t for t, p in phases if p == "running"]
+                if running:
+                    out.append(round(running[0] - phases[0][0], 2))
+        return out
+
+
+async def bursty(
+    sim: SimProcess, scale: float, bursts: int, keep: bool, timeout: float, tasks: int, task_s: float
+) -> dict[str, Any]:
     import dask
     from distributed import Client
 
@@ -61,8 +83,9 @@ async def bursty(sim: SimProcess, scale: float, bursts: int, keep: bool, timeout
     name = f"burst{'keep' if keep else 'new'}"
     gap = 600 * scale  # 10 simulated minutes, start to start
     out: dict[str, Any] = {"keep": keep, "bursts": []}
+    phases = Phases()
     with dask.config.set(settings(sim, scale, keep)):
-        cluster = await HetznerCluster(workers=1, name=name, asynchronous=True)
+        cluster = await HetznerCluster(workers=1, name=name, asynchronous=True, progress=phases)
         client = await Client(cluster, asynchronous=True)
         try:
             cluster.adapt(minimum=1, maximum=8, interval="500ms", wait_count=2, target_duration="2s")
@@ -71,8 +94,8 @@ async def bursty(sim: SimProcess, scale: float, bursts: int, keep: bool, timeout
                 await asyncio.sleep(max(0.0, start + i * gap - time.time()))  # the trace's schedule
                 posts = (await sim.ask("stats"))["ok"].get("POST /servers", 0)
                 t0 = time.monotonic()
-                # 400 one-second tasks: 25 s on 8 workers of 2 threads, 200 s on one.
-                futures = client.map(time.sleep, [1.0] * 400, pure=False)
+                # E.g. 200 one-second tasks: 12.5 s on 8 workers of 2 threads, 100 s on one.
+                futures = client.map(time.sleep, [task_s] * tasks, pure=False)
                 done = asyncio.ensure_future(client.gather(futures))
                 scaled, most = None, 0
                 while not done.done():
@@ -91,7 +114,10 @@ async def bursty(sim: SimProcess, scale: float, bursts: int, keep: bool, timeout
                     }
                 )
             bill = await sim.ask(f"bill {name}")
-            out.update(eur=bill["eur"], server_hours=bill["server_hours"], client_cost=cluster.cost)
+            out.update(
+                eur=bill["eur"], server_hours=bill["server_hours"], client_cost=cluster.cost,
+                kept_restarts_s=phases.restarts(),
+            )  # fmt: skip
         finally:
             await client.close()
             await cluster.close()
@@ -130,6 +156,13 @@ def table(r: dict[str, Any]) -> str:
             length = ", ".join(str(x["burst_s"]) for x in b["bursts"])
             lines.append(f"| {mode} | {b['eur']:.4f} | {b['server_hours']} | {times} | {made} | {length} |")
         lines.append(f"\nbill ratio on/off: {r['bursty']['bill_ratio']:.2f} (goal <= {GOALS['bill_ratio']})")
+        restarts = r["bursty"]["on"].get("kept_restarts_s") or []
+        if restarts:
+            lines.append(
+                f"\nscale-up onto a kept server (its node's start to running): {len(restarts)} restarts, "
+                f"median {sorted(restarts)[len(restarts) // 2]} s, max {max(restarts)} s "
+                f"(goal <= {GOALS['reuse_scale_up_s']} s)"
+            )
     if "first" in r:
         f = r["first"]
         lines.append(
@@ -144,8 +177,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sim = SimProcess(args.time_scale, args.seed)
     try:
         if args.only in (None, "bursty"):
-            on = await bursty(sim, args.time_scale, args.bursts, True, args.timeout)
-            off = await bursty(sim, args.time_scale, args.bursts, False, args.timeout)
+            work = (args.tasks, args.task_seconds)
+            on = await bursty(sim, args.time_scale, args.bursts, True, args.timeout, *work)
+            off = await bursty(sim, args.time_scale, args.bursts, False, args.timeout, *work)
             results["bursty"] = {"on": on, "off": off, "bill_ratio": on["eur"] / off["eur"]}
         if args.only in (None, "first"):
             one = await first_result(sim, args.time_scale, 1, args.timeout)
@@ -165,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["bursty", "first"], default=None)
     parser.add_argument("--bursts", type=int, default=4)
+    parser.add_argument("--tasks", type=int, default=200, help="tasks a burst")
+    parser.add_argument("--task-seconds", type=float, default=1.0, help="real seconds a task")
     parser.add_argument("--workers", type=int, default=50, help="workers of the time-to-first-result run")
     parser.add_argument("--time-scale", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=7)

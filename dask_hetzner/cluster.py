@@ -22,6 +22,7 @@ from .cost import CostLimitError
 from .environment import local_versions
 from .idle import IdleSettings
 from .jobenv import SecretEnv, check_env
+from .late import LateWorkers, Replacements
 from .launch import worker_defaults
 from .lifecycle import ClusterLifecycle
 from .nodes import SchedulerServer, WorkerServer, user_options
@@ -115,8 +116,11 @@ class HetznerCluster(ClusterLifecycle):
         enforced on the scheduler's server too.
     wait_for_workers:
         Return once the scheduler and this many workers (an int, or a fraction of the workers
-        asked for) are up; the others keep starting (they were provisioned from the start)
-        and join in the background. One that fails is named in an error log and dropped.
+        asked for) are up, whichever are first; the others keep starting (they were
+        provisioned from the start) and join in the background. One that fails (or a
+        scale-up's) is replaced once, under a new name, with a warning; one that cannot be
+        (it replaced one already, the account's server limit, ``max_hourly_cost``) is named
+        in an error log and dropped.
     """
 
     # Over 60 lines only by its signature: the public keyword arguments, one a line.
@@ -186,6 +190,8 @@ class HetznerCluster(ClusterLifecycle):
         self._token = config.token(token) or ""  # a missing one: the Cloud refuses it
         self._ctx = self._context(settings, attach, api_endpoint, progress, secrets)
         self._provisioner = Provisioner(self._ctx)
+        self._replacements = Replacements()
+        self._late = LateWorkers(self._provisioner, self._late_done)
         self._attach = attach
         # Detached: closing only disconnects. True while reattaching, so a failed reattach
         # leaves the cluster as it was; set by detach().
@@ -242,6 +248,8 @@ class HetznerCluster(ClusterLifecycle):
             idle = IdleSettings(
                 settings.idle_timeout, cloud.endpoint, self._token, settings.start_timeout,
                 no_client_timeout=settings.no_client_timeout, max_lifetime=settings.max_lifetime,
+                # Kept servers of a client that is gone: deleted within their paid hour.
+                kept_grace=settings.keep_margin / 2 if settings.keep_paid_servers else None,
             )  # fmt: skip
         versions = local_versions()
         # A new start id, or the one of the cluster reattached to (LABEL_START).
@@ -404,12 +412,32 @@ class HetznerCluster(ClusterLifecycle):
         check_size(n, "scaling")
         check_server_limit(self.settings, n, "scaling")
         cost.check(self.settings, self._server_types, n, "scaling", self._kept_hourly(n))
-        return super().scale(n)
+        # Workers still joining count; a scale-down drops them first (nothing runs there yet).
+        dropped = self._late.drop(self._late.newest(len(self.worker_spec) + len(self._late) - n))
+        if dropped and self.loop is not None:
+            self.loop.add_callback(self._late.cancel, dropped)
+        return super().scale(n - len(self._late))
+
+    async def scale_down(self, workers: Any) -> None:
+        """Adaptive's scale-down: workers still joining are dropped with their provisioning."""
+        dropped = self._late.drop(list(workers))
+        await self._late.cancel(dropped)
+        await super().scale_down([w for w in workers if w not in dropped])
+
+    @property
+    def plan(self) -> set[Any]:
+        """SpecCluster's, with the workers still joining (adapt counts them as asked for)."""
+        return set(super().plan) | set(self._late.specs)
+
+    @property
+    def requested(self) -> set[Any]:
+        return set(super().requested) | set(self._late.specs)
 
     def _kept_hourly(self, n: int) -> float:
         """EUR/h of the kept servers a scale to ``n`` workers leaves kept (new workers take
         the ones paid longest first)."""
-        kept = sorted(self._ctx.kept.kept.values(), key=lambda k: -k.until)[max(0, n - len(self.worker_spec)) :]
+        current = len(self.worker_spec) + len(self._late)
+        kept = sorted(self._ctx.kept.kept.values(), key=lambda k: -k.until)[max(0, n - current) :]
         return sum(cost.server_price(k.server, self._server_types) or 0.0 for k in kept)
 
     def adapt(

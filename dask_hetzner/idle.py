@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 LABEL_CLUSTER = "dask-hetzner/cluster"  # same as cloud.LABEL_CLUSTER (this file imports no package)
+LABEL_ROLE = "dask-hetzner/role"  # cloud.LABEL_ROLE
+LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"  # cloud.LABEL_KEPT_UNTIL: when a kept server goes
 
 # On the server, relative to root's home (the dask processes and SSH sessions start there).
 # layout.REMOTE_DIR, which this file cannot import (it runs alone on the server): the
@@ -82,6 +84,9 @@ class IdleSettings:
     # Delete after this long without a connected client / this long after the watch began.
     no_client_timeout: float | None = None
     max_lifetime: float | None = None
+    # Kept (paid, idle) servers past their ``kept-until`` label by this long are deleted here
+    # too, should the client be gone (its own timer deletes them on time); None: none are kept.
+    kept_grace: float | None = None
 
     def config(self, cluster: str, server_id: int) -> dict[str, Any]:
         """The settings file (no secret in it: the token goes to its own file)."""
@@ -93,6 +98,7 @@ class IdleSettings:
             "no_client_timeout": self.no_client_timeout,
             "max_lifetime": self.max_lifetime,
             "start_grace": self.start_grace,
+            "kept_grace": self.kept_grace,
             "token_file": Path(TOKEN_FILE).name,
             "state_file": Path(STATE_FILE).name,
             "scheduler_pid_file": Path(SCHEDULER_PID_FILE).name,
@@ -378,6 +384,32 @@ def delete_cluster(api: Api, cluster: str, self_id: int | None, *, timeout: floa
         api.delete("servers", me["id"], deadline=deadline)
 
 
+def kept_poll_interval(grace: float) -> float:
+    """Seconds between the watchdog's listings of kept servers: one is deleted at most
+    ``grace`` + this after its ``kept-until`` (below the next started hour when the grace is
+    half the client's margin), in at most one request a minute (the API allows 3600 an hour)."""
+    return min(60.0, max(5.0, grace / 2))
+
+
+def expire_kept(api: Api, cluster: str, grace: float, now: float, *, deadline: float) -> list[str]:
+    """Delete this cluster's kept servers whose ``kept-until`` (plus ``grace``, for the
+    client's clock) has passed; the names deleted. A server a client took meanwhile has lost
+    the ``kept`` role in the listing, so it is never among them."""
+    selector = {"label_selector": f"{LABEL_CLUSTER}={cluster},{LABEL_ROLE}=kept"}
+    gone = []
+    for server in _ours(api.list("servers", deadline=deadline, **selector), cluster):
+        labels = server.get("labels") or {}
+        try:
+            until = float(labels.get(LABEL_KEPT_UNTIL, ""))
+        except ValueError:
+            continue  # not one this package kept: left to the cluster's own deletion
+        if labels.get(LABEL_ROLE) == "kept" and until + grace <= now:
+            logger.info("kept server %s: its paid time ended at %s; deleting it", server["name"], time.ctime(until))
+            api.delete("servers", server["id"], deadline=deadline)
+            gone.append(server["name"])
+    return gone
+
+
 def stop_scheduler(pid_file: Path, timeout: float = 20.0) -> None:
     """End the scheduler's process group before deleting anything.
 
@@ -459,6 +491,8 @@ def watch(config_file: str) -> None:
     bounds = [float(config[k]) for k in ("timeout", "no_client_timeout", "max_lifetime") if config.get(k)]
     state_file = directory / config["state_file"]
     started = time.time()
+    kept_grace = config.get("kept_grace")
+    kept_checked = 0.0
     logger.info(
         "watching cluster %s: idle_timeout %s, no_client_timeout %s, max_lifetime %s (s)",
         config["cluster"], config.get("timeout"), config.get("no_client_timeout"), config.get("max_lifetime"),
@@ -468,6 +502,12 @@ def watch(config_file: str) -> None:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             state = None  # not written yet, or mid-replace
+        if kept_grace is not None and time.monotonic() - kept_checked >= kept_poll_interval(float(kept_grace)):
+            kept_checked = time.monotonic()
+            try:
+                expire_kept(api, config["cluster"], float(kept_grace), time.time(), deadline=kept_checked + 30)
+            except Exception as e:  # noqa: BLE001 - tried again at the next listing
+                logger.warning("deleting kept servers of cluster %s failed: %s", config["cluster"], e)
         reason = why_delete(config, state, time.time(), started)
         if reason is not None:
             logger.info("cluster %s %s: deleting it", config["cluster"], reason)

@@ -21,7 +21,7 @@ from distributed.deploy.spec import SpecCluster
 from distributed.objects import SchedulerInfo
 from distributed.utils import Log, Logs
 
-from . import __version__, clients, cost, manage, reattach
+from . import __version__, clients, cost, late, manage, reattach
 from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment, half_built
 from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
@@ -46,7 +46,8 @@ class ClusterLifecycle(SpecCluster):
     _touched: bool  # this process created something: a failure rolls it back
     _initial_pending: bool  # the initial workers' start is still to come
     _wait_for: int | None = None  # initial workers the start waits for (None: all)
-    _late: dict[str, Any] = {}  # the other initial workers' specs, until the first are up
+    _late: late.LateWorkers  # workers provisioned outside the plan, joining when ready
+    _replacements: late.Replacements  # failed workers' successors
     _teardown_task: asyncio.Future[None] | None
     _token: str
     # Set when the scheduler's status stream ends while this object lives.
@@ -168,6 +169,7 @@ class ClusterLifecycle(SpecCluster):
         if adaptive is not None:
             adaptive.stop()
         # Servers still being created for this process are not part of the cluster yet.
+        await self._late.stop()
         await self._provisioner.cancel_all()
         self._ctx.watcher.stop()
         if isinstance(self.scheduler, SchedulerServer):
@@ -271,7 +273,7 @@ class ClusterLifecycle(SpecCluster):
             self._provisioner.prestart("scheduler", "scheduler", {})
             for worker_name, spec in self.worker_spec.items():
                 self._provisioner.prestart(worker_name, "worker", user_options(spec.get("options", {})))
-            self._late = self._hold_back_late_workers()
+            self._late.hold(self._hold_back_late_workers())
             await self._start_unless_limited()
             await self._write_client_address()
         except BaseException:
@@ -283,8 +285,8 @@ class ClusterLifecycle(SpecCluster):
     async def _start_unless_limited(self) -> None:
         """SpecCluster's start; the account's server limit fails it at once (every server
         created meanwhile is billed a started hour), unless allow-fewer-workers is set."""
-        factory, asked = self._ctx.factory, len(self.worker_spec)  # before the start changes it
-        start = asyncio.ensure_future(super()._start())
+        factory, asked = self._ctx.factory, len(self.worker_spec) + len(self._late)  # before the start changes it
+        start = asyncio.ensure_future(self._start_with_first_workers())
         if self.settings.allow_fewer_workers:
             return await start
         limit = asyncio.ensure_future(factory.limit_event.wait())
@@ -300,14 +302,45 @@ class ClusterLifecycle(SpecCluster):
         if factory.limit_hit is not None:
             raise factory.limit_hit.starting(self.name, asked) from None
         start.result()
+
+    async def _start_with_first_workers(self) -> None:
+        """SpecCluster's start (the scheduler), then, with ``wait_for_workers``, the first
+        of the initial workers whose servers are ready, whichever they are."""
+        await super()._start()
+        if not self._late:
+            return
+        try:
+            await self._take_first_workers()
+        except BaseException:
+            # Started (comms, tunnel, scheduler node): closed as SpecCluster closes a failed start.
+            await asyncio.shield(self._close())
+            raise
+
     def _hold_back_late_workers(self) -> dict[str, Any]:
-        """The initial workers past ``wait_for_workers``, out of the plan the start waits for."""
+        """With ``wait_for_workers`` below the count, every initial worker is held out of the
+        plan the start waits for: the first that are ready go back in (_take_first_workers)."""
         names = list(self.worker_spec)
         if self._wait_for is None or self._wait_for >= len(names):
             return {}
-        late = {n: self.worker_spec.pop(n) for n in names[self._wait_for :]}
-        logger.info("cluster %s: waiting for %d workers; %d more join in the background", self.name, self._wait_for, len(late))
-        return late
+        logger.info(
+            "cluster %s: waiting for the first %d workers; %d more join in the background",
+            self.name, self._wait_for, len(names) - self._wait_for,
+        )  # fmt: skip
+        return {n: self.worker_spec.pop(n) for n in names}
+
+    async def _take_first_workers(self) -> None:
+        """The first ``wait_for_workers`` initial workers that are ready (any of them: one slow
+        server holds nobody) join the plan the start waits for; the others stay late. When too
+        many failed for that, the start fails with the first failure (unless the account's
+        server limit struck and fewer workers are allowed)."""
+        assert self._wait_for is not None
+        ready, failures = await self._provisioner.first_ready(list(self._late.specs), self._wait_for)
+        if len(ready) < self._wait_for and failures:
+            error = failures[0]
+            if not (isinstance(error, Exception) and self._fewer_allowed(error)):
+                raise error
+        for name in ready:
+            self.worker_spec[name] = self._late.specs.pop(name)
 
     async def _close(self) -> None:
         # A detached cluster only disconnects; else every server is deleted at once.
@@ -319,6 +352,7 @@ class ClusterLifecycle(SpecCluster):
             return await self._disconnect()
         # Nodes then delete without waiting one by one: teardown waits for all at once.
         self._ctx.factory.begin_closing()
+        await self._late.stop()  # the teardown deletes what they were provisioning
         if self._resubscribing is not None and not self._resubscribing.done():
             self._resubscribing.cancel()  # the scheduler stream is being closed anyway
         if self.status == Status.running and not self._scheduler_gone and self.scheduler_comm:
@@ -385,11 +419,8 @@ class ClusterLifecycle(SpecCluster):
             if initial and self._ctx.idle is not None:
                 await self._idle_started()
             if initial and self._late:
-                # Past wait_for_workers, already provisioning: they join in the background,
-                # like a scale-up (a failure is named and dropped, below).
-                self.worker_spec.update(self._late)
-                self._late = {}
-                asyncio.ensure_future(self._correct_state())
+                # Past wait_for_workers, already provisioning: each joins when it is ready.
+                self._late.join_when_ready()
         except Exception as e:
             # The initial workers failing fails the start (and rolls back everything), unless
             # the account's server limit stopped them and the user allowed fewer. A scale under
@@ -428,14 +459,79 @@ class ClusterLifecycle(SpecCluster):
 
     def _drop_failed_workers(self, e: Exception) -> None:
         # A worker that failed to start after the cluster was up: its node deleted its
-        # server; drop it from the plan instead of retrying it forever.
+        # server; it gets one successor under a new name (late.py), or is named.
         failed = [n for n, w in self.workers.items() if w.status != Status.running]
+        specs = {}
         for n in failed:
             w = self.workers.pop(n, None)
             if w is not None and w.status == Status.created:
                 w.status = Status.failed  # SpecCluster's close checks every node it made
-            self.worker_spec.pop(n, None)
-        logger.error("cluster %s: workers %s failed to start: %s", self.name, failed, e)
+            specs[n] = self.worker_spec.pop(n, None) or self.new_spec
+        errors: dict[str, BaseException] = {n: self._provisioner.failures.pop(n, e) for n in failed}
+        asyncio.ensure_future(self._replace_failed(errors, specs))
+
+    async def _late_done(self, name: str, spec: dict[str, Any], error: BaseException | None) -> None:
+        """A late worker's provisioning ended: it joins the plan (its node takes the ready
+        server at once), or it is replaced."""
+        if self.status != Status.running:
+            return  # closing or disconnecting: its server goes with the rest
+        if error is None:
+            self.worker_spec[name] = spec
+            self._correct_state()
+            return
+        self._provisioner.discard(name)
+        await self._replace_failed({name: error}, {name: spec})
+
+    async def _replace_failed(self, errors: dict[str, BaseException], specs: dict[str, Any]) -> None:
+        """Failed workers: each gets one successor (late.Replacements), joining when ready;
+        the others are named in an error. None while the cluster is closing or its scheduler
+        is gone (another process's close deleted it: successors would be created in vain)."""
+        if not await self._usable():
+            logger.error("cluster %s: workers failed to start: %s", self.name, late.describe(errors))
+            return
+        decision = self._replacements.decide(errors, self._next_worker_name, self._check_more_workers)
+        for old, new in decision.replace.items():
+            logger.warning(
+                "cluster %s: %s failed to start (%s); replacing it with %s",
+                self.name, old, late.reason(errors[old]), new,
+            )  # fmt: skip
+            self._late.add(new, specs[old])
+        for old, why in decision.given_up.items():
+            logger.error(
+                "cluster %s: %s failed to start and is not replaced (%s): %s",
+                self.name, old, why, late.reason(errors[old]),
+            )  # fmt: skip
+
+    async def _usable(self) -> bool:
+        """Running, not closing, and its scheduler answers (briefly asked)."""
+        if self.status != Status.running or self._scheduler_gone or self._ctx.factory.closing:
+            return False
+        try:
+            await asyncio.wait_for(self._scheduler_rpc.identity(), 10)
+        except Exception:
+            return False
+        return self.status == Status.running and not self._ctx.factory.closing
+
+    def _next_worker_name(self) -> str:
+        (name,) = self.new_worker_spec()
+        return name
+
+    def new_worker_spec(self) -> dict[str, Any]:
+        # SpecCluster gives a retired worker's name again, while its server (kept, or being
+        # deleted) still has that name and labels: a new worker would meet it (409, adopted).
+        # Here a name is never given twice, nor a late worker's.
+        taken = set(self.worker_spec) | set(self.workers) | set(self._late.specs)
+        while self._new_worker_name(self._i) in taken:
+            self._i += 1
+        self._i += 1
+        return {self._new_worker_name(self._i - 1): self.new_spec}
+
+    def _check_more_workers(self, k: int) -> None:
+        """Refuse (``ConfigError``) ``k`` workers more than the plan holds, by every limit."""
+        n = len(self.worker_spec) + len(self._late) + k
+        check_size(n, "replacing failed workers")
+        check_server_limit(self.settings, n, "replacing failed workers")
+        cost.check(self.settings, self._server_types, n, "replacing failed workers")
 
     async def _idle_started(self) -> None:
         """Tell the scheduler's idle watch that the start is over: idleness counts from now."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import dask
 import dask.array as da
@@ -12,10 +13,12 @@ import pytest
 from cli_support import cli_env, make_leftovers, read_until, servers_of
 from distributed.core import Status
 from distributed.utils import Logs
-from support import wait_until
+from hcloud.images import Image
+from hcloud.server_types import ServerType
+from support import sdk, wait_until
 
 from dask_hetzner import HetznerCluster, UnknownCluster, list_clusters, nuke
-from dask_hetzner.cloud import ConfigError
+from dask_hetzner.cloud import LABEL_CLUSTER, LABEL_KEPT_UNTIL, LABEL_ROLE, ConfigError
 from dask_hetzner.security import ClusterCA, SSHKeyPair
 from dask_hetzner.state import ClusterState, Secrets, StateError
 
@@ -203,6 +206,11 @@ def test_failed_reattach_deletes_nothing(sim, state_dir):
 def test_list_and_nuke_go_by_label_equality(sim, state_dir):
     make_leftovers(sim, "c")
     make_leftovers(sim, "c2", server=False)
+    # A kept (paid, idle) server of c: nuke deletes it with the rest; it is not a worker.
+    sdk(sim).servers.create(
+        name="c-worker-7", server_type=ServerType(name="cx23"), image=Image(name="ubuntu-24.04"),
+        labels={LABEL_CLUSTER: "c", LABEL_ROLE: "kept", LABEL_KEPT_UNTIL: str(int(time.time()) + 600)},
+    )  # fmt: skip
     fake_state(state_dir, "c")
     fake_state(state_dir, "c2")
     clusters = {c.name: c for c in list_clusters()}
@@ -211,6 +219,7 @@ def test_list_and_nuke_go_by_label_equality(sim, state_dir):
     assert clusters["c"].local_state and clusters["c"].age_seconds is not None
 
     nuke("c")
+    assert servers_of(sim, "c") == []
     assert [c.name for c in list_clusters()] == ["c2"]
     assert not (state_dir / "c").exists() and (state_dir / "c2").exists()
     nuke("c2")

@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import dask
 import pytest
-from support import servers_of, wait_until
+from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, idle
-from dask_hetzner.cloud import LABEL_CLUSTER, ConfigError
+from dask_hetzner.cloud import LABEL_CLUSTER, LABEL_KEPT_UNTIL, LABEL_ROLE, ConfigError
 
 
 def test_why_delete_names_the_policy():
@@ -33,6 +34,15 @@ def test_why_delete_names_the_policy():
     assert idle.why_delete({**config, "start_grace": 600.0}, None, now, started) is None
     assert idle.why_delete({**config, "timeout": 3.0, "start_grace": 600.0}, None, now, started) is None
     assert "no_client_timeout" in (idle.why_delete(config, None, now, started) or "")
+
+
+def test_kept_servers_expire_on_the_server_within_their_paid_hour():
+    # idle.py runs alone on the server: its copies of the labels must be the package's.
+    assert (idle.LABEL_ROLE, idle.LABEL_KEPT_UNTIL) == (LABEL_ROLE, LABEL_KEPT_UNTIL)
+    # The default margin (5 min): grace 150 s, one listing a minute, deleted before the hour.
+    grace = 300.0 / 2
+    assert idle.kept_poll_interval(grace) == 60.0 and grace + idle.kept_poll_interval(grace) < 300.0
+    assert idle.kept_poll_interval(0.0) == 5.0  # never more than 720 listings an hour
 
 
 @pytest.mark.parametrize(
@@ -64,14 +74,32 @@ def _leftovers(sim, name: str) -> dict:
     return out
 
 
+def _watchdog_deletes_an_expired_kept_server(sim, name: str, home) -> None:
+    """Two kept servers; one's paid time is over (its label set back, as time passing would):
+    the watchdog deletes it, and only it; the other goes with the cluster (its policy)."""
+    kept = [s for s in servers_of(sim, name) if s.labels[LABEL_ROLE] == "kept"]
+    assert len(kept) == 2, [s.name for s in servers_of(sim, name)]
+    over, other = kept
+    sdk(sim).servers.update(over, labels={**over.labels, LABEL_KEPT_UNTIL: str(int(time.time()) - 5)})
+    wait_until(
+        lambda: over.id not in {s.id for s in servers_of(sim, name)},
+        timeout=30, what="the watchdog deleting the kept server whose paid time is over",
+    )  # fmt: skip
+    assert f"kept server {over.name}: its paid time ended" in (home / "idle.log").read_text(errors="replace")
+    left = {s.id for s in servers_of(sim, name)}
+    assert other.id in left and len(left) == 2, "only the expired kept server goes"
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "name, workers, policies, expected, why",
     [
         # With no idle timeout, the scheduler's server deletes the cluster once no client has
         # been connected for no_client_timeout; max_lifetime (an hour) has nothing to say yet.
-        ("pol1", 1, "no_client_timeout='4s', max_lifetime='1h'", (None, 4.0, 3600.0), "no_client_timeout"),
+        # Before, both workers retired, their servers kept (paid, idle): the one whose
+        # kept-until has passed is deleted by the watchdog, the client being gone.
+        ("pol1", 2, "no_client_timeout='15s', max_lifetime='1h'", (None, 15.0, 3600.0), "no_client_timeout"),
         # max_lifetime alone: deleted when its time is up (long enough for a loaded start).
         ("pol2", 0, "max_lifetime='40s'", (None, None, 40.0), "max_lifetime"),
     ],
@@ -79,6 +107,15 @@ def _leftovers(sim, name: str) -> dict:
 def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, workers, policies, expected, why):
     """The client process dies (SIGKILL: no atexit, no close) while working: the watchdog on
     the scheduler's server deletes the cluster by the policy."""
+    keep = workers == 2
+    retire = (
+        "cluster.scale(0)\n"
+        "import time\n"
+        "t0 = time.monotonic()\n"
+        "while len(cluster.context.kept.kept) < 2:\n"
+        "    assert time.monotonic() - t0 < 120, 'the retired workers were not kept'\n"
+        "    time.sleep(0.2)\n"
+    )
     script = tmp_path / "start.py"
     script.write_text(
         "import threading\n"
@@ -88,6 +125,7 @@ def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, wor
         "client = Client(cluster)\n"
         + ("client.wait_for_workers(1, timeout=120)\n" if workers else "")
         + "assert client.submit(lambda: 41 + 1).result(timeout=60) == 42\n" * workers
+        + (retire if keep else "")
         + "print('ready', cluster.scheduler.server.id, flush=True)\n"
         + "threading.Event().wait()\n"
     )
@@ -101,6 +139,8 @@ def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, wor
         "DASK_HETZNER__DASHBOARD_PORT": "0",
         "DASK_HETZNER__API__POLL_INTERVAL": "100ms",
         "DASK_HETZNER__ENVIRONMENT": "minimal",  # as in conftest: the dask stack only
+        "DASK_HETZNER__KEEP_PAID_SERVERS": str(keep),
+        "DASK_HETZNER__KEEP_MARGIN": "4s",  # the watchdog's grace: 2 s past kept-until
     }
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -118,8 +158,11 @@ def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, wor
         assert json.loads(state.read_text())["no_client_since"] is None
         settings = json.loads((home / "idle.json").read_text())
         assert (settings["timeout"], settings["no_client_timeout"], settings["max_lifetime"]) == expected
+        assert settings["kept_grace"] == (2.0 if keep else None)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        if keep:
+            _watchdog_deletes_an_expired_kept_server(sim, name, home)
         wait_until(
             lambda: why in (home / "idle.log").read_text(errors="replace"),
             timeout=90, what=f"the watchdog deleting the cluster ({why})",

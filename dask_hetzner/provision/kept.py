@@ -3,8 +3,9 @@
 Hetzner bills every started hour of a server (docs.hetzner.com/cloud/billing/faq), so a
 server deleted mid-hour has paid for the rest of it. With ``keep_paid_servers``, a retired
 worker's server is kept instead, dask stopped, relabelled ``role=kept`` (so reattaching never
-takes it for a worker) with the time it will go, until ``keep_margin`` before its next started
-hour; then deleted. A new worker takes a kept server first: renamed and relabelled, dask
+takes it for a worker) with the time it will go, and renamed ``<cluster>-kept-<id>`` (dask
+names a new worker like a retired one, and server names are unique in a project), until
+``keep_margin`` before its next started hour; then deleted. A new worker takes a kept server first: renamed and relabelled, dask
 started again, with no create, boot or bootstrap.
 """
 
@@ -50,12 +51,16 @@ class KeptServers:
         """Keep a retired worker's server (its dask process stopped) until ``until``."""
         labels = {k: v for k, v in server.labels.items() if k != LABEL_WORKER}
         labels.update({LABEL_ROLE: "kept", LABEL_KEPT_UNTIL: str(int(until))})
-        server = await self.factory.cloud.update_server(server.id, server.name, labels)
+        old = server
+        server = await self.factory.cloud.update_server(server.id, f"{self.factory.settings.name}-kept-{server.id}", labels)
+        self.factory.servers.pop(old.name, None)
         self.factory.record(server)
+        await self.factory.pins.forget(old)
+        await self.factory.pins.pin(server, host_key_public)
         entry = Kept(server, host_key_public, until)
         entry.timer = asyncio.ensure_future(self._expire(entry))
         self.kept[server.id] = entry
-        logger.info("server %s kept (paid, idle) until %s", server.name, time.strftime("%H:%M", time.localtime(until)))
+        logger.info("server %s (%s) kept (paid, idle) until %s", old.name, server.name, time.strftime("%H:%M", time.localtime(until)))
 
     async def _expire(self, entry: Kept) -> None:
         await asyncio.sleep(max(0.0, entry.until - time.time()))  # the timer itself
@@ -67,7 +72,8 @@ class KeptServers:
         """A kept server renamed ``name`` with ``labels`` (a new worker's), or None."""
         # The one whose paid time lasts longest: the others may go at their time.
         for entry in sorted(self.kept.values(), key=lambda k: -k.until):
-            del self.kept[entry.server.id]
+            if self.kept.pop(entry.server.id, None) is None:
+                continue  # taken by another new worker meanwhile
             if entry.timer is not None:
                 await cancelled(entry.timer)
             old = entry.server

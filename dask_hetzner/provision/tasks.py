@@ -20,6 +20,7 @@ class Provisioner:
     def __init__(self, ctx: ClusterContext) -> None:
         self.ctx = ctx
         self._tasks: dict[str, asyncio.Task[Prepared]] = {}
+        self.failures: dict[str, Exception] = {}  # node name -> why its provisioning failed
 
     def prestart(self, name: str, role: str, options: dict[str, Any]) -> None:
         """Begin provisioning ``name`` now (a worker's process starts with ``options``)."""
@@ -36,9 +37,44 @@ class Provisioner:
         task = self._tasks[name]
         try:
             return await asyncio.shield(task)
+        except Exception as e:
+            self.failures[name] = e
+            raise
         finally:
             if task.done():
                 self._tasks.pop(name, None)
+
+    async def first_ready(self, names: list[str], n: int) -> tuple[list[str], list[BaseException]]:
+        """Wait until ``n`` of ``names`` (begun with ``prestart``) are ready, whichever they
+        are, or until that can no longer happen: (the ready ones, the failures so far).
+        The others go on; a node still takes its own (or its failure) with ``take``."""
+        pending = {self._tasks[name]: name for name in names}
+        ready: list[str] = []
+        failures: list[BaseException] = []
+        while pending and len(ready) < n <= len(ready) + len(pending):
+            done, _ = await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                name = pending.pop(task)
+                if task.cancelled():
+                    failures.append(asyncio.CancelledError(f"provisioning {name} was cancelled"))
+                elif (error := task.exception()) is not None:
+                    failures.append(error)
+                else:
+                    ready.append(name)
+        return ready, failures
+
+    async def outcome(self, name: str) -> BaseException | None:
+        """Once ``name``'s provisioning (begun with ``prestart``) ended: its failure, or None.
+        The task stays for the node's ``take``."""
+        task = self._tasks[name]
+        await asyncio.wait({task})
+        return asyncio.CancelledError() if task.cancelled() else task.exception()
+
+    def discard(self, name: str) -> None:
+        """Forget a provisioning that ended (a failed one, whose node never comes)."""
+        task = self._tasks.get(name)
+        if task is not None and task.done():
+            del self._tasks[name]
 
     async def cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)

@@ -107,7 +107,7 @@ async def test_labextension_cluster_manager(sim):
 class Lab:
     """A real ``jupyter lab`` in a subprocess and a tiny REST client for it."""
 
-    def __init__(self, sim, tmp: Path, name: str = "lab2") -> None:
+    def __init__(self, sim, tmp: Path, name: str = "lab2", extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -131,6 +131,7 @@ class Lab:
             "JUPYTER_RUNTIME_DIR": str(tmp / "jupyter-runtime"),
             # A hung server killed with SIGABRT leaves its threads' stacks in the log.
             "PYTHONFAULTHANDLER": "1",
+            **(extra_env or {}),
         }
         self.log = open(tmp / "jupyter.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -202,11 +203,16 @@ class Lab:
 
 
 KERNEL_CODE = """
+import sys
 import dask_hetzner
+from distributed import Client
 client = dask_hetzner.connect("lab2")
 print(client.submit(lambda x: x + 1, 1).result())
 print(client.dashboard_link)
 client.close()
+# The panel's scheduler address as it is, as in the "<>" snippet: no security=.
+with Client(sys.argv[1]) as client:
+    print(client.submit(lambda x: x + 1, 2).result())
 """
 
 
@@ -247,11 +253,11 @@ def test_jupyterlab_rest_api(sim, tmp_path):
         # A kernel's one line: a Client through the Jupyter server's tunnel, which computes,
         # and whose dashboard link (built from the scheduler's port) is the tunnel's.
         kernel = subprocess.run(
-            [sys.executable, "-c", KERNEL_CODE], env={**os.environ, "HCLOUD_TOKEN": ""},
+            [sys.executable, "-c", KERNEL_CODE, model["scheduler_address"]], env={**os.environ, "HCLOUD_TOKEN": ""},
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert kernel.returncode == 0, kernel.stderr[-3000:]
-        assert kernel.stdout.split() == ["2", model["dashboard_link"]], kernel.stdout
+        assert kernel.stdout.split() == ["2", model["dashboard_link"], "3"], kernel.stdout
 
         status, _ = lab.request("DELETE", f"/dask/clusters/{cid}")
         assert status == 204

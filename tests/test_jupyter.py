@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -266,3 +267,26 @@ def test_jupyterlab_rest_api(sim, tmp_path):
     finally:
         lab.stop()
 
+
+
+async def test_failed_panel_start_rolls_back_quietly(fsim, caplog):
+    """A NEW that fails after its scheduler runs (its worker's server cannot be created): the
+    panel gets the cause, everything is deleted before the error reaches it, and no internal
+    error is logged (issue 18 saw ``AttributeError(... 'dask_hetzner_idle')``)."""
+    from dask_labextension.manager import DaskClusterManager
+
+    fsim.inject("resource_unavailable", name="lab4-worker-.*")
+    config = {
+        **LAB_CONFIG,
+        "labextension.factory.kwargs": {"n_workers": 1, "idle_timeout": "1h", "fallback_locations": []},
+        "hetzner.name": "lab4",
+    }
+    with dask.config.set(config):
+        async with DaskClusterManager() as manager:
+            with pytest.raises(Exception, match="lab4-worker-0: no server type could be had"):
+                await manager.start_cluster()
+            # Deleted by the failed start itself, not left to the process's exit.
+            assert await asyncio.to_thread(server_names, fsim) == set() and fsim.leaks() == {}
+            assert manager.list_clusters() == []
+    internal = [r for r in caplog.records if r.levelno >= logging.WARNING and "lab4" in r.getMessage()]
+    assert not [r.getMessage() for r in internal if "Error(" in r.getMessage()], caplog.text

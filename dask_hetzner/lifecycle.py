@@ -261,7 +261,8 @@ class ClusterLifecycle(SpecCluster):
         try:
             return (yield from super().__await__())
         except BaseException:
-            closing = self.close()
+            # A failed _start has rolled itself back already (status failed).
+            closing = self.close() if self.status == Status.running else None
             if closing is not None:
                 yield from asyncio.shield(closing).__await__()
             raise

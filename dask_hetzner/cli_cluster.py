@@ -161,7 +161,7 @@ def _summary(cluster: HetznerCluster) -> dict[str, Any]:
         "location": s.location,
         "connect": s.connect,
         "scheduler": address,
-        "public_scheduler": cluster.scheduler_address if s.connect == "public" else None,
+        "public_scheduler": cluster.scheduler_comm.address if s.connect == "public" and cluster.scheduler_comm else None,
         "dashboard": f"http://{private}:{dashboard_port}/status" if dashboard_port else None,
         "hourly_cost": cluster.hourly_cost,
         "state_dir": cluster.state_dir,

@@ -15,7 +15,7 @@ import dask.config
 import dask.utils
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
-from . import config, cost, display, exits, inputs, manage, reattach
+from . import address, config, cost, display, exits, inputs, manage, reattach
 from . import progress as progress_display
 from .attach import AttachedScheduler, Attachment
 from .cost import CostLimitError
@@ -317,6 +317,19 @@ class HetznerCluster(ClusterLifecycle):
     @property
     def dashboard_link(self) -> str:
         return getattr(self.scheduler, "dashboard_link", None) or ""
+
+    @property
+    def scheduler_address(self) -> str:
+        """``hetzner://HOST:PORT/NAME``: connects as it is from any process of this user here.
+
+        ``Client(cluster.scheduler_address)`` needs no ``security=``: the ``hetzner`` scheme
+        (``address.py``) takes the client certificate from the local state. The plain TLS
+        address is ``cluster.scheduler_comm.address``.
+        """
+        tls_address = super().scheduler_address
+        if not tls_address.startswith(address.TLS_PREFIX):
+            return tls_address  # "<Not Connected>"
+        return address.cluster_address(tls_address, self.name)
 
     def detach(self) -> Any:
         """Disconnect this process and leave the cluster running (and billed).

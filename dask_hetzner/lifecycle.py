@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import logging
 import os
+from collections.abc import Generator
 from typing import Any
 
 import dask.config
@@ -254,6 +255,19 @@ class ClusterLifecycle(SpecCluster):
 
     # Overrides of SpecCluster's and Cluster's private members ----------------------------------
     # SpecCluster has no public hooks for these; each says why it is needed.
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        # SpecCluster's asynchronous start (``await HetznerCluster(..., asynchronous=True)``,
+        # as the JupyterLab panel makes them) never closes after its initial workers failed,
+        # unlike its synchronous one: the scheduler's server stayed running and billed.
+        try:
+            return (yield from super().__await__())
+        except BaseException:
+            # A failed _start has rolled itself back already (status failed).
+            closing = self.close() if self.status == Status.running else None
+            if closing is not None:
+                yield from asyncio.shield(closing).__await__()
+            raise
 
     async def _start(self) -> None:
         # Check and create the shared resources first, and provision the initial workers

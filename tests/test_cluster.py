@@ -21,8 +21,14 @@ def test_sync_cluster_computes_scales_and_cleans_up(sim):
     with HetznerCluster(workers=2, name="sync1") as cluster:
         assert len(servers_of(sim, "sync1")) == 3
         with Client(cluster) as client:
-            assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+            tunnel = cluster.scheduler_comm.address
+            assert tunnel.startswith("tls://127.0.0.1:")
+            assert cluster.scheduler_address == f"hetzner://{tunnel.removeprefix('tls://')}/sync1"
             client.wait_for_workers(2, timeout=120)
+            # The address as it is, no security=: the hetzner scheme finds the certificate.
+            with Client(cluster.scheduler_address, timeout=30) as by_address:
+                assert by_address.submit(sum, [40, 2]).result(timeout=60) == 42
+                assert by_address.dashboard_link == cluster.dashboard_link
             x = da.ones((2000, 2000), chunks=(500, 500))
             assert x.sum().compute() == 4_000_000
             names = {w["name"] for w in client.scheduler_info()["workers"].values()}
@@ -147,7 +153,7 @@ def test_plain_tcp_and_foreign_tls_refused(sim):
     from dask_hetzner.security import ClusterCA
 
     with HetznerCluster(workers=0, name="tls1") as cluster:
-        port = cluster.scheduler_address.rsplit(":", 1)[1]
+        port = cluster.scheduler_comm.address.rsplit(":", 1)[1]
         with pytest.raises((OSError, TimeoutError)):
             Client(f"tcp://127.0.0.1:{port}", timeout=5)
         other = ClusterCA.generate("other")
@@ -160,6 +166,9 @@ def test_plain_tcp_and_foreign_tls_refused(sim):
         )
         with pytest.raises((OSError, TimeoutError)):
             Client(cluster.scheduler_address, security=foreign, timeout=5)
+        # A name without local state: one line saying so, at once (not retried until timeout).
+        with pytest.raises(OSError, match="no local state for cluster 'nosuch'"):
+            Client(f"hetzner://127.0.0.1:{port}/nosuch", timeout=30)
 
 
 def test_firewall_only_opens_ssh(sim):
@@ -341,7 +350,8 @@ def test_connect_public_opens_only_the_scheduler_port(sim):
     with dask.config.set({"hetzner.scheduler-port": port, "hetzner.allowed-cidrs": ["127.0.0.0/8"]}):
         with HetznerCluster(workers=1, name="pub1", connect="public") as cluster:
             (sched,) = [s for s in servers_of(sim, "pub1") if s.name == "pub1-scheduler"]
-            assert cluster.scheduler_address == f"tls://{sched.public_net.ipv4.ip}:{port}"
+            assert cluster.scheduler_address == f"hetzner://{sched.public_net.ipv4.ip}:{port}/pub1"
+            assert cluster.scheduler_comm.address == f"tls://{sched.public_net.ipv4.ip}:{port}"
             (fw,) = sdk(sim).firewalls.get_all(label_selector=f"{LABEL_CLUSTER}=pub1")
             inbound = {(r.protocol, r.port) for r in fw.rules if r.direction == "in"}
             assert inbound == {("tcp", "22"), ("icmp", None), ("tcp", str(port))}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -107,7 +108,7 @@ async def test_labextension_cluster_manager(sim):
 class Lab:
     """A real ``jupyter lab`` in a subprocess and a tiny REST client for it."""
 
-    def __init__(self, sim, tmp: Path, name: str = "lab2") -> None:
+    def __init__(self, sim, tmp: Path, name: str = "lab2", extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -131,6 +132,7 @@ class Lab:
             "JUPYTER_RUNTIME_DIR": str(tmp / "jupyter-runtime"),
             # A hung server killed with SIGABRT leaves its threads' stacks in the log.
             "PYTHONFAULTHANDLER": "1",
+            **(extra_env or {}),
         }
         self.log = open(tmp / "jupyter.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -202,11 +204,16 @@ class Lab:
 
 
 KERNEL_CODE = """
+import sys
 import dask_hetzner
+from distributed import Client
 client = dask_hetzner.connect("lab2")
 print(client.submit(lambda x: x + 1, 1).result())
 print(client.dashboard_link)
 client.close()
+# The panel's scheduler address as it is, as in the "<>" snippet: no security=.
+with Client(sys.argv[1]) as client:
+    print(client.submit(lambda x: x + 1, 2).result())
 """
 
 
@@ -247,11 +254,11 @@ def test_jupyterlab_rest_api(sim, tmp_path):
         # A kernel's one line: a Client through the Jupyter server's tunnel, which computes,
         # and whose dashboard link (built from the scheduler's port) is the tunnel's.
         kernel = subprocess.run(
-            [sys.executable, "-c", KERNEL_CODE], env={**os.environ, "HCLOUD_TOKEN": ""},
+            [sys.executable, "-c", KERNEL_CODE, model["scheduler_address"]], env={**os.environ, "HCLOUD_TOKEN": ""},
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert kernel.returncode == 0, kernel.stderr[-3000:]
-        assert kernel.stdout.split() == ["2", model["dashboard_link"]], kernel.stdout
+        assert kernel.stdout.split() == ["2", model["dashboard_link"], "3"], kernel.stdout
 
         status, _ = lab.request("DELETE", f"/dask/clusters/{cid}")
         assert status == 204
@@ -260,3 +267,26 @@ def test_jupyterlab_rest_api(sim, tmp_path):
     finally:
         lab.stop()
 
+
+
+async def test_failed_panel_start_rolls_back_quietly(fsim, caplog):
+    """A NEW that fails after its scheduler runs (its worker's server cannot be created): the
+    panel gets the cause, everything is deleted before the error reaches it, and no internal
+    error is logged (issue 18 saw ``AttributeError(... 'dask_hetzner_idle')``)."""
+    from dask_labextension.manager import DaskClusterManager
+
+    fsim.inject("resource_unavailable", name="lab4-worker-.*")
+    config = {
+        **LAB_CONFIG,
+        "labextension.factory.kwargs": {"n_workers": 1, "idle_timeout": "1h", "fallback_locations": []},
+        "hetzner.name": "lab4",
+    }
+    with dask.config.set(config):
+        async with DaskClusterManager() as manager:
+            with pytest.raises(Exception, match="lab4-worker-0: no server type could be had"):
+                await manager.start_cluster()
+            # Deleted by the failed start itself, not left to the process's exit.
+            assert await asyncio.to_thread(server_names, fsim) == set() and fsim.leaks() == {}
+            assert manager.list_clusters() == []
+    internal = [r for r in caplog.records if r.levelno >= logging.WARNING and "lab4" in r.getMessage()]
+    assert not [r.getMessage() for r in internal if "Error(" in r.getMessage()], caplog.text

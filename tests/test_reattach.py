@@ -103,7 +103,7 @@ def test_reattach_from_another_process(sim, state_dir, tmp_path):
     try:
         assert cluster.status == Status.running
         assert set(cluster.workers) == {"worker-0"}
-        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")  # the tunnel, reopened
+        assert cluster.scheduler_address.startswith("hetzner://127.0.0.1:")  # the tunnel, reopened
         assert cluster.dashboard_link.startswith("http://127.0.0.1:")
         assert cluster.hourly_cost > 0
         client = cluster.get_client()

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,18 @@ def panel_flow(page, steps: Steps, lab: Lab, sim) -> None:
     page.keyboard.press("Shift+Enter")
     cells.nth(1).locator(".jp-OutputArea-output", has_text="42").wait_for(timeout=120_000)
     steps.shot("computed")
+
+    # The widget's "Launch dashboard in JupyterLab": the sidebar takes the client's link,
+    # which the Jupyter server finds alive (a dead one left "Dashboard not connected").
+    link = model["dashboard_link"]
+    base = link.removesuffix("status")  # what the sidebar checks: the link without its page
+    is_check = lambda r: "/dask/dashboard-check/" in r.url and base in urllib.parse.unquote(r.url)  # noqa: E731
+    with page.expect_response(is_check, timeout=60_000) as check:
+        cells.first.locator("button", has_text="Launch dashboard in JupyterLab").click()
+    assert check.value.json()["isActive"] is True, check.value.json()
+    assert page.locator(".dask-URLInput input").input_value().startswith(base)
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="Workers Memory").wait_for(timeout=60_000)
+    steps.shot("dashboard-layout")
 
     wait_for_card(page, lab, "Number of Workers: 2")
     assert server_names(sim) == {f"{NAME}-scheduler", f"{NAME}-worker-0", f"{NAME}-worker-1"}

@@ -469,6 +469,9 @@ class ClusterLifecycle(SpecCluster):
             except Exception as e:
                 self._scheduler_gone = True
                 self._scheduler_rpc.timeout = 5  # nothing answers there any more: fail fast
+                if (reason := getattr(self.scheduler, "unreachable", None)) is not None:
+                    logger.error("cluster %s: %s", self.name, reason)
+                    return
                 logger.warning(
                     "cluster %s: the scheduler went away (idle shutdown, or it stopped: %r); "
                     "lost workers are not replaced, close this cluster object",

@@ -329,8 +329,8 @@ def _check_tasks_are_unprivileged(sim, client: Client, name: str, scheduler_id: 
             "watchdogs": len(watchdogs),
         }
         for w in watchdogs:
-            found["watchdog environ"] = attempt(lambda: (w / "environ").read_bytes())
-            found["watchdog memory"] = attempt(lambda: (w / "mem").read_bytes())
+            found["watchdog environ"] = attempt((w / "environ").read_bytes)
+            found["watchdog memory"] = attempt((w / "mem").read_bytes)
             found["token in its cmdline"] = token in (w / "cmdline").read_text()
         return found
 

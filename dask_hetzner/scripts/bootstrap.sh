@@ -111,10 +111,12 @@ cat "$VERSIONS" >&3
 # home and $BASE (0711: no listing) to reach the environment (0755), reads the TLS files through
 # its group ($TLS_DIR: root:$DASK_USER 2750) and owns $DASK_DIR (its home: work, spill, the
 # scheduler file). $RUN_AS starts a command as $DASK_USER; without root (the simulator run
-# by an ordinary user) there is nobody to drop: it runs the command as it is.
+# by an ordinary user) there is nobody to drop: it runs the command as it is. (An empty
+# $DASK_USER is for tests that run this script on their own machine: no user is made, and
+# $RUN_AS refuses to run anything as root.)
 dask_user() {
     mkdir -p "$HOME/$TLS_DIR" "$HOME/$DASK_DIR"
-    if [ "$(id -u)" -eq 0 ]; then
+    if [ -n "$DASK_USER" ] && [ "$(id -u)" -eq 0 ]; then
         if ! id -u "$DASK_USER" >/dev/null 2>&1; then
             useradd --system --user-group --no-log-init --no-create-home \
                 --home-dir "$HOME/$DASK_DIR" --shell /usr/sbin/nologin "$DASK_USER"
@@ -130,6 +132,7 @@ dask_user() {
 #!/bin/sh
 # Written by the dask-hetzner bootstrap: runs a command as $DASK_USER (never as root).
 if [ "\$(id -u)" -ne 0 ]; then exec "\$@"; fi
+if [ -z '$DASK_USER' ]; then echo "run-as-dask: no user to run as; refusing to run as root" >&2; exit 1; fi
 export HOME='$HOME/$DASK_DIR' USER='$DASK_USER' LOGNAME='$DASK_USER'
 exec setpriv --reuid='$DASK_USER' --regid='$DASK_USER' --init-groups --inh-caps=-all --no-new-privs -- "\$@"
 EOF_RUN_AS

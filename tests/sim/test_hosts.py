@@ -679,7 +679,7 @@ async def test_shims_succeed_and_log(cloud: Cloud) -> None:
         # Its /etc and /home are its own: the user exists there, with a home, and nowhere else.
         who = await cloud.run(1, "id -un dask && stat -c %U /home/dask")
         assert who.stdout == "dask\ndask\n", who.stderr
-        assert "dask:" not in Path("/etc/passwd").read_text()
+        assert "dask:" not in await asyncio.to_thread(Path("/etc/passwd").read_text)
 
 
 # -- life cycle and scale ----------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import dask.config
 import dask.utils
+from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
 from . import config, cost, display, exits, inputs, manage, reattach
@@ -451,9 +452,10 @@ class HetznerCluster(ClusterLifecycle):
         )  # fmt: skip
 
     def _check_reachable(self) -> None:
-        """Refuse (``SchedulerUnreachable``) what needs the scheduler once it cannot be reached."""
+        """Refuse (``SchedulerUnreachable``) what needs the scheduler once it cannot be reached
+        (not a close's own ``scale(0)``: a close deletes through the API)."""
         reason = self.unreachable
-        if reason is not None:
+        if reason is not None and self.status not in (Status.closing, Status.closed):
             raise SchedulerUnreachable(f"cluster {self.name}: {reason}")
 
     @property

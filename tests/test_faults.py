@@ -494,6 +494,7 @@ def test_tunnel_reconnects_after_ssh_drops(fsim, scenario):
                 cluster.adapt(minimum=1, maximum=2)
             assert "unreachable" in repr(cluster)
             assert tunnel.reconnects == 1
+            client.close(timeout=5)  # its scheduler is unreachable: do not wait for it
             row["outcome"] = (
                 "tunnel re-established on the same port; client computes again; "
                 "a new host key stops it and scale/adapt name it"

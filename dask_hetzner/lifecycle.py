@@ -24,7 +24,7 @@ from distributed.utils import Log, Logs
 from . import __version__, clients, cost, manage, reattach
 from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment, half_built
-from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
+from .cloud import LABEL_JOINED, LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.limits import WHERE_TO_RAISE, is_limit
@@ -206,7 +206,10 @@ class ClusterLifecycle(SpecCluster):
         """The servers the API lists become this cluster's scheduler and workers."""
         try:
             adopted = await reattach.adopt(self._ctx, self._state)
+            view = self._attach is not None and not self._attach.take_over
             for worker_name, server in adopted.workers.items():
+                if view and LABEL_JOINED not in server.labels:
+                    continue  # half-built (a start killed half-way): not a worker to show
                 options = {**self.new_spec["options"], "server": server}
                 options["host_key"] = adopted.host_keys.get(server.name, "")
                 self.worker_spec[worker_name] = {"cls": AttachedWorker, "options": options}

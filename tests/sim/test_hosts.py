@@ -677,8 +677,8 @@ async def test_shims_succeed_and_log(cloud: Cloud) -> None:
     assert (await cloud.run(1, "hostname")).stdout == "node-1\n"
     if cloud.manager.sandboxed:
         # Its /etc and /home are its own: the user exists there, with a home, and nowhere else.
-        who = await cloud.run(1, "id -un dask && stat -c %U /home/dask")
-        assert who.stdout == "dask\ndask\n", who.stderr
+        who = await cloud.run(1, "id -un dask && stat -c %U /home/dask && sudo -u dask id -un")
+        assert who.stdout == "dask\ndask\ndask\n", who.stderr
         assert "dask:" not in await asyncio.to_thread(Path("/etc/passwd").read_text)
 
 

@@ -16,7 +16,7 @@ from distributed.deploy.spec import ProcessInterface
 
 from . import launch, layout, remote
 from .aio import quietly
-from .cloud import ServerInfo
+from .cloud import LABEL_JOINED, ServerInfo
 from .nodes import SchedulerServer, WorkerServer
 from .provision.context import ClusterContext
 from .provision.node import Prepared
@@ -119,9 +119,9 @@ class AttachedWorker(WorkerServer):
 
 async def half_built(ctx: ClusterContext, server: ServerInfo, host_key: str) -> bool:
     """Whether an adopted worker's server never got its dask worker running (its start was
-    killed half-way): no pinned key or address, or no live process group in its pidfile.
-    A server that cannot be asked now is not called half-built (nothing proves it)."""
-    if not host_key or not server.public_ip:
+    killed half-way): not labelled joined, no pinned key or address, or no live process group
+    in its pidfile. A labelled server that cannot be asked now is not called half-built."""
+    if LABEL_JOINED not in server.labels or not host_key or not server.public_ip:
         return True
     try:
         conn = await ctx.ssh(server.public_ip, host_key, retry_for=10)

@@ -44,7 +44,7 @@ def ls(as_json: bool, token: str | None, endpoint: str | None) -> None:
         table.add_row(
             c.name,
             str(c.schedulers),
-            str(c.workers),
+            f"{c.workers} (+{c.not_joined} not joined)" if c.not_joined else str(c.workers),
             c.types,
             c.status,
             _age_text(c.age_seconds),

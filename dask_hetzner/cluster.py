@@ -13,6 +13,7 @@ from typing import Any
 
 import dask.config
 import dask.utils
+from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive as DaskAdaptive
 
 from . import address, config, cost, display, exits, inputs, manage, reattach
@@ -25,7 +26,7 @@ from .jobenv import SecretEnv, check_env
 from .late import LateWorkers, Replacements
 from .launch import worker_defaults
 from .lifecycle import ClusterLifecycle
-from .nodes import SchedulerServer, WorkerServer, user_options
+from .nodes import SchedulerServer, SchedulerUnreachable, WorkerServer, user_options
 from .payload import Payload
 from .provision.context import ClusterContext, ClusterKeys
 from .provision.tasks import Provisioner
@@ -414,6 +415,7 @@ class HetznerCluster(ClusterLifecycle):
 
     def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
         """Like ``SpecCluster.scale``, refusing (``CostLimitError``) a size above ``max_hourly_cost``."""
+        self._check_reachable()
         inputs.count(n, "scale: the number of workers")
         inputs.optional_positive(memory, "scale: memory")
         inputs.optional_positive(cores, "scale: cores")
@@ -466,6 +468,7 @@ class HetznerCluster(ClusterLifecycle):
     ) -> DaskAdaptive:
         """Like ``SpecCluster.adapt``, with ``maximum`` capped so adaptivity stays under
         ``max_hourly_cost`` and within one private network (``MAX_WORKERS``)."""
+        self._check_reachable()
         inputs.bounds(minimum, maximum)
         check_size(math.ceil(minimum), "adapting (minimum)")
         if maximum > MAX_WORKERS:
@@ -489,12 +492,24 @@ class HetznerCluster(ClusterLifecycle):
             minimum_memory=minimum_memory, maximum_memory=maximum_memory, **kwargs,
         )  # fmt: skip
 
+    def _check_reachable(self) -> None:
+        """Refuse (``SchedulerUnreachable``) what needs the scheduler once it cannot be reached
+        (not a close's own ``scale(0)``: a close deletes through the API)."""
+        reason = self.unreachable
+        if reason is not None and self.status not in (Status.closing, Status.closed):
+            raise SchedulerUnreachable(f"cluster {self.name}: {reason}")
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why this object can no longer reach its scheduler (a changed host key), or None."""
+        return self.scheduler.unreachable if isinstance(self.scheduler, SchedulerServer) else None
+
     # What users look at ---------------------------------------------------------------------
 
     def __repr__(self) -> str:
         return display.text(
             self.name, len(self.workers), self.settings.location, self.hourly_cost,
-            self.max_hourly_cost, self.status.name, display.type_mix(self._ctx.servers.values()),
+            self.max_hourly_cost, "unreachable" if self.unreachable else self.status.name, display.type_mix(self._ctx.servers.values()),
             self.cost, display.kept_summary(self._ctx.servers.values()),
         )  # fmt: skip
 

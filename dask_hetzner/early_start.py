@@ -42,11 +42,12 @@ async def install(conn: Any) -> str:
 
     Returns the ``--preload-nanny`` argument.
     """
-    from .layout import REMOTE_DIR  # the client's side: on a server this file stands alone
+    from .layout import LIB_DIR  # the client's side: on a server this file stands alone
 
-    target = f"{REMOTE_DIR}/early_start.py"
+    target = f"{LIB_DIR}/early_start.py"
     source = await asyncio.to_thread(Path(__file__).read_text)
-    await conn.put(target, source, mode=0o600)
+    # Imported by the nanny, which runs as the dask user: readable, in a listable directory.
+    await conn.put(target, source, mode=0o644, dir_mode=0o755)
     return target
 
 

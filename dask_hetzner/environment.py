@@ -270,6 +270,10 @@ def _inputs(
     )
     assignments = {
         "REMOTE_DIR": shlex.quote(layout.REMOTE_DIR),
+        "DASK_USER": shlex.quote(layout.DASK_USER),
+        "DASK_DIR": shlex.quote(layout.DASK_DIR),
+        "TLS_DIR": shlex.quote(layout.TLS_DIR),
+        "RUN_AS": shlex.quote(layout.RUN_AS),
         "ROLE": shlex.quote(role),
         **{name: shlex.quote(value) for name, value in values.items()},
         "REQUIREMENTS": f"({' '.join(shlex.quote(r) for r in reqs)})",  # a bash array

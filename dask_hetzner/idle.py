@@ -8,9 +8,9 @@ is (its top-level imports are the standard library only):
   watchdog there;
 * in the scheduler (``dask scheduler --preload ~/.dask-hetzner/idle.py``): :func:`dask_setup`
   writes a heartbeat every second saying since when the scheduler has had no work and no
-  client; it never sees the token;
+  client; it runs as the unprivileged dask user and never sees the token (root's 0600 file);
 * on the server (``python3 ~/.dask-hetzner/idle.py watch ~/.dask-hetzner/idle.json``): the
-  watchdog, plain ``python3`` + ``urllib``. When the heartbeat says idle for ``timeout``, or
+  watchdog, run as root, plain ``python3`` + ``urllib``. When the heartbeat says idle for ``timeout``, or
   stops for that long (the scheduler died), it deletes everything carrying the cluster's
   label: the other servers first, then the shared resources, its own server last.
 
@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import ssl
+import stat
 import sys
 import time
 import urllib.error
@@ -43,10 +44,14 @@ LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"  # cloud.LABEL_KEPT_UNTIL: when a k
 # layout.REMOTE_DIR, which this file cannot import (it runs alone on the server): the
 # scheduler's preload falls back to it; tests/test_idle.py checks that the two agree.
 REMOTE_DIR = ".dask-hetzner"
-SOURCE_FILE = f"{REMOTE_DIR}/idle.py"
-CONFIG_FILE = f"{REMOTE_DIR}/idle.json"
+# The scheduler (the dask user) imports this file and reads its settings: both in a
+# directory it may list (layout.LIB_DIR); the token stays in root's 0600 file.
+LIB_DIR = f"{REMOTE_DIR}/lib"
+SOURCE_FILE = f"{LIB_DIR}/idle.py"
+CONFIG_FILE = f"{LIB_DIR}/idle.json"
 TOKEN_FILE = f"{REMOTE_DIR}/hcloud-token"
-STATE_FILE = f"{REMOTE_DIR}/idle-state.json"
+# Written by the scheduler, so in the dask user's own directory (layout.DASK_DIR).
+STATE_FILE = f"{REMOTE_DIR}/dask/idle-state.json"
 LOG_FILE = f"{REMOTE_DIR}/idle.log"
 PID_FILE = f"{REMOTE_DIR}/idle.pid"
 SCHEDULER_PID_FILE = f"{REMOTE_DIR}/scheduler.pid"  # written by nodes.SchedulerServer
@@ -99,21 +104,28 @@ class IdleSettings:
             "max_lifetime": self.max_lifetime,
             "start_grace": self.start_grace,
             "kept_grace": self.kept_grace,
-            "token_file": Path(TOKEN_FILE).name,
-            "state_file": Path(STATE_FILE).name,
-            "scheduler_pid_file": Path(SCHEDULER_PID_FILE).name,
+            # Relative to the settings file's directory.
+            "token_file": _relative(TOKEN_FILE),
+            "state_file": _relative(STATE_FILE),
+            "scheduler_pid_file": _relative(SCHEDULER_PID_FILE),
         }
+
+
+def _relative(path: str) -> str:
+    return os.path.relpath(path, LIB_DIR)
 
 
 async def install(conn: Any, settings: IdleSettings, *, cluster: str, server_id: int) -> str:
     """Copy this file, the settings and the token to the scheduler's server; start the watchdog.
 
     ``conn`` is a :class:`dask_hetzner.remote.Remote`. Returns the ``--preload`` argument for
-    ``dask scheduler``. The token travels over SFTP into a 0600 file, never on a command line.
+    ``dask scheduler``. The token travels over SFTP into root's 0600 file, never on a command
+    line; the scheduler (the dask user) reads this file and the settings (no secret: 0644).
     """
     source = await asyncio.to_thread(Path(__file__).read_text)
-    await conn.put(SOURCE_FILE, source, mode=0o600)
-    await conn.put(CONFIG_FILE, json.dumps(settings.config(cluster, server_id), indent=1), mode=0o600)
+    await conn.put(SOURCE_FILE, source, mode=0o644, dir_mode=0o755)
+    config = json.dumps(settings.config(cluster, server_id), indent=1)
+    await conn.put(CONFIG_FILE, config, mode=0o644, dir_mode=0o755)
     await conn.put(TOKEN_FILE, settings.token, mode=0o600)
     await conn.run(f"rm -f {STATE_FILE}", timeout=30)
     # The system's python3: the watchdog needs nothing of the dask environment.
@@ -136,8 +148,8 @@ class _Idleness:
 
     def __init__(self, scheduler: Any, directory: Path) -> None:
         self.scheduler = scheduler
-        self.state_file = directory / Path(STATE_FILE).name
         config = json.loads((directory / Path(CONFIG_FILE).name).read_text())
+        self.state_file = directory / config.get("state_file", Path(STATE_FILE).name)
         self.grace_until: float | None = time.time() + float(config.get("start_grace", 3600.0))
         self.idle_since: float | None = None
         self.no_client_since: float | None = None  # no Client connected since (after the start)
@@ -198,7 +210,8 @@ def dask_setup(scheduler: Any) -> None:
     """Preload hook of ``dask scheduler --preload``."""
     from tornado.ioloop import PeriodicCallback
 
-    directory = Path(os.environ.get("DASK_HETZNER_IDLE_DIR") or Path.home() / REMOTE_DIR)
+    # This file's own directory (root's: the dask user's home is elsewhere).
+    directory = Path(os.environ.get("DASK_HETZNER_IDLE_DIR") or Path(__file__).resolve().parent)
     idleness = _Idleness(scheduler, directory)
     scheduler.handlers[HANDLER] = idleness.handle
 
@@ -467,6 +480,27 @@ def no_client_for(state: dict[str, Any] | None, now: float, watching_since: floa
     return 0.0
 
 
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The heartbeat, or None (not written yet, mid-replace, or not a small regular file).
+
+    The dask user writes it and root reads it: never through a link, never blocking on a FIFO.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 65536:
+            return None
+        state = json.loads(os.read(fd, 65536))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return state if isinstance(state, dict) else None
+
+
 def why_delete(config: dict[str, Any], state: dict[str, Any] | None, now: float, started: float) -> str | None:
     """Which shutdown policy says the cluster must go now, in words; None: none of them."""
     timeout, no_client, lifetime = (config.get(k) for k in ("timeout", "no_client_timeout", "max_lifetime"))
@@ -498,10 +532,7 @@ def watch(config_file: str) -> None:
         config["cluster"], config.get("timeout"), config.get("no_client_timeout"), config.get("max_lifetime"),
     )  # fmt: skip
     while True:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = None  # not written yet, or mid-replace
+        state = read_state(state_file)
         if kept_grace is not None and time.monotonic() - kept_checked >= kept_poll_interval(float(kept_grace)):
             kept_checked = time.monotonic()
             try:

@@ -23,8 +23,9 @@ TLS_ARGS = (
 # Plain TCP is refused by the processes themselves, not only by the firewall.
 PROCESS_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
 # The user's variables and secrets (payload.py): read from their 0600 file by the shell that
-# starts the process, so no value is ever on a command line.
-SOURCE_ENV = f'[ ! -f "$HOME"/{layout.PROCESS_ENV} ] || . "$HOME"/{layout.PROCESS_ENV}; exec '
+# starts the process, so no value is ever on a command line. That shell is root's; the dask
+# process itself runs as the unprivileged dask user (layout.RUN_AS, docs/security.md).
+SOURCE_ENV = f'[ ! -f "$HOME"/{layout.PROCESS_ENV} ] || . "$HOME"/{layout.PROCESS_ENV}; exec {layout.RUN_AS} '
 
 
 def worker_defaults(server_type: ServerTypeInfo) -> dict[str, Any]:
@@ -46,11 +47,15 @@ def options_args(options: Mapping[str, Any]) -> list[str]:
 
 
 async def write_tls(ca: ClusterCA, conn: remote.Remote, common_name: str, ips: list[str]) -> None:
-    """Copy the CA certificate and a key and certificate made for this node alone."""
+    """Copy the CA certificate and a key and certificate made for this node alone.
+
+    They are the dask process's identity: readable by its group (the bootstrap made the
+    directory root:dask, setgid), writable by root alone.
+    """
     cert = ca.issue(common_name, ips=ips)
-    await conn.put(f"{layout.TLS_DIR}/ca.pem", ca.cert_pem, mode=0o600)
-    await conn.put(f"{layout.TLS_DIR}/node.pem", cert.cert_pem, mode=0o600)
-    await conn.put(f"{layout.TLS_DIR}/node.key", cert.key_pem, mode=0o600)
+    await conn.put(f"{layout.TLS_DIR}/ca.pem", ca.cert_pem, mode=0o640)
+    await conn.put(f"{layout.TLS_DIR}/node.pem", cert.cert_pem, mode=0o640)
+    await conn.put(f"{layout.TLS_DIR}/node.key", cert.key_pem, mode=0o640)
 
 
 def scheduler_command(

@@ -15,9 +15,18 @@ PYTHON = f"{ENV_DIR}/bin/python"
 BOOTSTRAP_SCRIPT = f"{REMOTE_DIR}/bootstrap.sh"
 BOOTSTRAP_LOG = f"{REMOTE_DIR}/bootstrap.log"
 VERSIONS = f"{REMOTE_DIR}/versions.json"
-WORK_DIR = f"{REMOTE_DIR}/work"
+# The dask processes run as DASK_USER, never as root (docs/security.md): RUN_AS starts a
+# command as that user; DASK_DIR is its home (0700, its own: work and spill directories, the
+# scheduler file); it reads TLS_DIR through its group. The bootstrap makes all of them.
+DASK_USER = "dask"
+DASK_DIR = f"{REMOTE_DIR}/dask"
+RUN_AS = f"{REMOTE_DIR}/bin/run-as-dask"
+WORK_DIR = f"{DASK_DIR}/work"
 TLS_DIR = f"{REMOTE_DIR}/tls"
-SCHEDULER_FILE = f"{REMOTE_DIR}/scheduler.json"
+SCHEDULER_FILE = f"{DASK_DIR}/scheduler.json"
+# Files the dask processes import (preloads): root's, in a directory the dask user may list
+# (Python's import system lists a module's directory; the others here are not listable).
+LIB_DIR = f"{REMOTE_DIR}/lib"
 # The user's job (payload.py): wheels of local packages (relative to REMOTE_DIR: the bootstrap
 # installs from there), uploaded files (on the processes' PYTHONPATH), variables and secrets.
 WHEELS_DIR = "wheels"

@@ -25,7 +25,7 @@ from distributed.utils import Log, Logs
 from . import __version__, clients, cost, late, manage, reattach
 from .aio import cancelled
 from .attach import AttachedScheduler, AttachedWorker, Attachment, half_built
-from .cloud import LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
+from .cloud import LABEL_JOINED, LABEL_WORKER, CloudError, ConfigError, ServerTypeInfo, preferences
 from .nodes import SchedulerServer, user_options
 from .provision.context import ClusterContext
 from .provision.limits import WHERE_TO_RAISE, is_limit
@@ -209,7 +209,10 @@ class ClusterLifecycle(SpecCluster):
         """The servers the API lists become this cluster's scheduler and workers."""
         try:
             adopted = await reattach.adopt(self._ctx, self._state)
+            view = self._attach is not None and not self._attach.take_over
             for worker_name, server in adopted.workers.items():
+                if view and LABEL_JOINED not in server.labels:
+                    continue  # half-built (a start killed half-way): not a worker to show
                 options = {**self.new_spec["options"], "server": server}
                 options["host_key"] = adopted.host_keys.get(server.name, "")
                 self.worker_spec[worker_name] = {"cls": AttachedWorker, "options": options}
@@ -579,6 +582,9 @@ class ClusterLifecycle(SpecCluster):
             except Exception as e:
                 self._scheduler_gone = True
                 self._scheduler_rpc.timeout = 5  # nothing answers there any more: fail fast
+                if (reason := getattr(self.scheduler, "unreachable", None)) is not None:
+                    logger.error("cluster %s: %s", self.name, reason)
+                    return
                 logger.warning(
                     "cluster %s: the scheduler went away (idle shutdown, or it stopped: %r); "
                     "lost workers are not replaced, close this cluster object",

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import config, layout
 from .cloud import (
+    LABEL_JOINED,
     LABEL_KEPT_UNTIL,
     LABEL_WORKER,
     Cloud,
@@ -135,6 +136,8 @@ class ClusterInfo:
     age_seconds: float | None
     hourly_cost: float
     local_state: bool
+    # Worker servers whose dask worker never ran (a start killed half-way), not in ``workers``.
+    not_joined: int = 0
     # EUR gross billed so far for the servers that exist (every started hour since each was
     # created, Primary IPv4 included); the API does not show deleted servers' hours.
     billed: float = 0.0
@@ -217,7 +220,8 @@ async def alist_clusters(
             ClusterInfo(
                 name=name,
                 schedulers=sum(s.role == "scheduler" for s in found.servers),
-                workers=sum(s.role == "worker" for s in found.servers),
+                workers=sum(s.role == "worker" and LABEL_JOINED in s.labels for s in found.servers),
+                not_joined=sum(s.role == "worker" and LABEL_JOINED not in s.labels for s in found.servers),
                 status=_status(found),
                 created=found.created,
                 age_seconds=_age(found.created, now),
@@ -229,6 +233,7 @@ async def alist_clusters(
                         "name": s.name,
                         "role": s.role,
                         "worker": s.labels.get(LABEL_WORKER),
+                        "joined": s.role == "worker" and LABEL_JOINED in s.labels,
                         "kept_until": s.labels.get(LABEL_KEPT_UNTIL),
                         "status": s.status,
                         "type": s.server_type,

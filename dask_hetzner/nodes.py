@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 SHARED_OPTIONS = ("context", "provisioner")
 
 
+class SchedulerUnreachable(ConnectionError):
+    """This process can no longer reach its scheduler, and trying again cannot help."""
+
+
 def user_options(options: dict[str, Any]) -> dict[str, Any]:
     """A node spec's options as the user gave them (without what the cluster shares)."""
     return {k: v for k, v in options.items() if k not in SHARED_OPTIONS}
@@ -168,6 +172,22 @@ class SchedulerServer(HetznerNode):
             dash = await self.tunnel.forward(ip, self.dashboard_port, same_port=True)
             self.dashboard_link = f"http://127.0.0.1:{dash}/status"
         self.external_address = self.address
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why this process can no longer reach the scheduler (None: it can, or may again).
+
+        A changed host key: the tunnel stopped for good (another machine answers at the
+        server's address, or someone in between), and the Client sees only timeouts.
+        """
+        failure = self.tunnel.failure if self.tunnel is not None else None
+        if failure is None:
+            return None
+        where = self.server.name if self.server is not None else "?"
+        return (
+            f"the host key of the scheduler's server {where} changed ({failure}); the SSH "
+            "tunnel is not reopened: close() still deletes the cluster's servers through the API"
+        )
 
     async def _stop_process(self) -> None:
         if self.prepared is not None and self.context.idle is not None:

@@ -99,7 +99,11 @@ class Payload:
             return
         await conn.put(layout.UPLOAD_ARCHIVE, snap.archive, mode=0o600)
         d, a = shlex.quote(layout.UPLOAD_DIR), shlex.quote(layout.UPLOAD_ARCHIVE)
-        await conn.run(f"rm -rf {d} && mkdir -p {d} && tar -xzf {a} -C {d} --no-same-owner && rm -f {a}", timeout=timeout)
+        # Readable by the dask user (its tasks use them), whatever their modes were here.
+        await conn.run(
+            f"rm -rf {d} && mkdir -p {d} && tar -xzf {a} -C {d} --no-same-owner && chmod -R go+rX,go-w {d} && rm -f {a}",
+            timeout=timeout,
+        )
 
 
 def _resolved(spec: str) -> localcode.Path:

@@ -31,6 +31,7 @@ from distributed import Client
 
 from dask_hetzner import HetznerCluster
 from dask_hetzner.cloud import LABEL_CLUSTER, Cloud
+from dask_hetzner.nodes import SchedulerUnreachable
 from dask_hetzner.provision import node as nodes
 from dask_hetzner.security import HostKey, cloud_config
 
@@ -483,7 +484,21 @@ def test_tunnel_reconnects_after_ssh_drops(fsim, scenario):
             fsim.inject("ssh_drop", name="h7-scheduler", down=2, count=1)
             wait_until(lambda: tunnel.reconnects >= 1, timeout=60, what="the tunnel reconnecting")
             assert client.submit(lambda x: x * 2, 21).result(timeout=60) == 42
-            row["outcome"] = "tunnel re-established on the same port; client computes again"
+            # Then another machine answers at its address (a new host key): never reconnected,
+            # and what needs the scheduler says why instead of timing out.
+            fsim.inject("ssh_drop", name="h7-scheduler", new_host_key=1, count=1)
+            wait_until(lambda: tunnel.failure is not None, timeout=60, what="the tunnel refusing the new key")
+            with pytest.raises(SchedulerUnreachable, match="host key of the scheduler's server h7-scheduler changed"):
+                cluster.scale(2)
+            with pytest.raises(SchedulerUnreachable, match="host key"):
+                cluster.adapt(minimum=1, maximum=2)
+            assert "unreachable" in repr(cluster)
+            assert tunnel.reconnects == 1
+            client.close(timeout=5)  # its scheduler is unreachable: do not wait for it
+            row["outcome"] = (
+                "tunnel re-established on the same port; client computes again; "
+                "a new host key stops it and scale/adapt name it"
+            )
 
 
 # Signals to the client while it creates ---------------------------------------------------

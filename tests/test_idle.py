@@ -68,6 +68,8 @@ def test_watchdog_paths_match_the_layout():
 
     assert idle.REMOTE_DIR == layout.REMOTE_DIR
     assert idle.SCHEDULER_PID_FILE == layout.pidfile("scheduler")
+    assert idle.LIB_DIR == layout.LIB_DIR
+    assert idle.STATE_FILE == f"{layout.DASK_DIR}/idle-state.json"
 
 
 def test_settings_never_show_the_token():
@@ -248,15 +250,14 @@ def test_killed_client_cluster_deletes_itself(sim, tmp_path):
         assert line and line[0] == "ready", f"the client process did not start its cluster: {line}"
         scheduler_id = int(line[1])
         assert len(servers_of(sim, "idlekill")) == 2
-        home = sim.hosts.directory(scheduler_id) / ".dask-hetzner"
+        state = sim.hosts.directory(scheduler_id) / idle.STATE_FILE
         # The client is connected: the heartbeat says so, and nothing counts as idle.
         wait_until(
-            lambda: (home / "idle-state.json").exists()
-            and json.loads((home / "idle-state.json").read_text())["clients"] == 1,
+            lambda: state.exists() and json.loads(state.read_text())["clients"] == 1,
             timeout=30,
             what="a heartbeat that sees the client",
         )
-        assert json.loads((home / "idle-state.json").read_text())["idle_since"] is None
+        assert json.loads(state.read_text())["idle_since"] is None
         _check_token_confined(sim, "idlekill", scheduler_id)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -284,11 +285,86 @@ def _check_token_confined(sim, name: str, scheduler_id: int) -> None:
         if server.id == scheduler_id:
             assert token_file.read_text() == token
             assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-            assert token not in (home / "idle.json").read_text()
+            assert token not in (home / "lib" / "idle.json").read_text()
         else:
             assert not token_file.exists(), "only the scheduler's server may hold the token"
         for log in home.glob("*.log"):
             assert token not in log.read_text(errors="replace"), f"token in {log.name}"
+
+
+def _check_tasks_are_unprivileged(sim, client: Client, name: str, scheduler_id: int) -> None:
+    """Code run through dask (a task, or code run in the scheduler) is not root and cannot
+    reach the token or the watchdog; no dask process on any server runs as root."""
+
+    def reach_for_root(token: str) -> dict:
+        """Run in a task (on a worker, and in the scheduler): who it is and what it can read.
+        Nested: cloudpickle sends it by value (no server can import this test module)."""
+        import os
+        import pwd
+        from pathlib import Path
+
+        def attempt(read) -> str:
+            try:
+                read()
+            except OSError as e:
+                return type(e).__name__
+            return "read"
+
+        watchdogs = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if b"idle.py\0watch" in (entry / "cmdline").read_bytes():
+                        watchdogs.append(entry)
+                except OSError:
+                    continue
+        found = {
+            "uid": os.getuid(),
+            "euid": os.geteuid(),
+            "user": pwd.getpwuid(os.getuid()).pw_name,
+            "token file": attempt(lambda: Path("/root/.dask-hetzner/hcloud-token").read_bytes()),
+            "root's home": attempt(lambda: os.listdir("/root")),
+            "root's files": attempt(lambda: os.listdir("/root/.dask-hetzner")),
+            "become root": attempt(lambda: os.setuid(0)),
+            "watchdogs": len(watchdogs),
+        }
+        for w in watchdogs:
+            found["watchdog environ"] = attempt((w / "environ").read_bytes)
+            found["watchdog memory"] = attempt((w / "mem").read_bytes)
+            found["token in its cmdline"] = token in (w / "cmdline").read_text()
+        return found
+
+    token = sim.token
+    on_worker = client.submit(reach_for_root, token, pure=False).result(timeout=60)
+    in_scheduler = client.run_on_scheduler(reach_for_root, token)
+    for where, found in (("worker", on_worker), ("scheduler", in_scheduler)):
+        assert found["uid"] != 0 and found["euid"] != 0, f"the {where} runs as root: {found}"
+        assert found["user"] == "dask", found
+        assert found["root's home"] == found["root's files"] == found["become root"] == "PermissionError", found
+    # The token's own server: it exists there, and it cannot be read.
+    assert in_scheduler["token file"] == "PermissionError", in_scheduler
+    assert in_scheduler["watchdogs"] == 1, in_scheduler
+    assert in_scheduler["watchdog environ"] == in_scheduler["watchdog memory"] == "PermissionError", in_scheduler
+    assert in_scheduler["token in its cmdline"] is False
+    assert on_worker["token file"] == "FileNotFoundError", on_worker  # only the scheduler's has it
+    # Every process on every server: dask (anything run from its environment) is never root,
+    # the watchdog always is.
+    for server in servers_of(sim, name):
+        users: dict[str, set[int]] = {"dask": set(), "watchdog": set()}
+        for pid in sim.hosts.processes(server.id):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+            if ".dask-hetzner/env/" in cmdline:
+                users["dask"].add(uid)
+            elif "idle.py watch" in cmdline:
+                users["watchdog"].add(uid)
+        assert users["dask"] and 0 not in users["dask"], f"{server.name}: dask processes' uids {users}"
+        expected = {0} if server.id == scheduler_id else set()
+        assert users["watchdog"] == expected, f"{server.name}: watchdog's uids {users}"
 
 
 @pytest.mark.slow
@@ -314,6 +390,7 @@ def test_busy_cluster_survives_its_idle_timeout_then_deletes_itself(sim):
             # Idle time only starts now, and a client is still connected: nothing was deleted.
             assert {s.id for s in servers_of(sim, "idlebusy")} == before
             _check_token_confined(sim, "idlebusy", cluster.scheduler.server.id)
+            _check_tasks_are_unprivileged(sim, client, "idlebusy", cluster.scheduler.server.id)
         # No client, no work: the cluster deletes itself while this process still holds it.
         wait_until(
             lambda: cluster_leftovers(sim, "idlebusy") == {},

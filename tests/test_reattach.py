@@ -55,6 +55,8 @@ def assert_dask_ctl_lists_without_taking_over(sim, env) -> None:
     process that rebuilds and drops it) deletes nothing."""
     from dask_hetzner.discovery import HetznerClusterView, discover
 
+    servers = len(servers_of(sim, "re1"))
+
     async def names() -> list:
         return [found async for found in discover()]
 
@@ -62,7 +64,7 @@ def assert_dask_ctl_lists_without_taking_over(sim, env) -> None:
     view = HetznerClusterView.from_name("re1")
     assert set(view.workers) == {"worker-0"} and not view.owns_resources
     view.close()
-    assert len(servers_of(sim, "re1")) == 2
+    assert len(servers_of(sim, "re1")) == servers
     # dask-ctl's way in another process, which then exits (dask-ctl 2024.1.0 itself fails
     # to import with this distributed: it needs distributed.cli.utils.install_signal_handlers).
     listed = subprocess.run(
@@ -70,7 +72,7 @@ def assert_dask_ctl_lists_without_taking_over(sim, env) -> None:
     )  # fmt: skip
     assert listed.returncode == 0 and listed.stdout.split() == ["re1", "1"], listed.stdout + listed.stderr
     assert "still open at exit" not in listed.stderr
-    assert len(servers_of(sim, "re1")) == 2
+    assert len(servers_of(sim, "re1")) == servers
 
 
 @pytest.mark.timeout(600)
@@ -82,6 +84,9 @@ def test_reattach_from_another_process(sim, state_dir, tmp_path):
         "from dask_hetzner import HetznerCluster\n"
         "cluster = HetznerCluster(workers=1, name='re1')\n"
         "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "cluster.scale(2)  # killed while worker-1's server boots\n"
+        "print('scaling', flush=True)\n"
         "sys.stdin.read()  # a kernel that lives until it is killed\n"
     )
     a = subprocess.Popen(
@@ -93,16 +98,28 @@ def test_reattach_from_another_process(sim, state_dir, tmp_path):
     )
     try:
         read_until(a.stdout, "ready", timeout=180)
+        # A scale-up killed (SIGKILL) once worker-1's server exists, before its worker runs.
+        sim.inject("slow_boot", name="re1-worker-1", delay=120)
+        a.stdin.write("\n")
+        a.stdin.flush()
+        read_until(a.stdout, "scaling", timeout=60)
+        wait_until(lambda: len(servers_of(sim, "re1")) == 3, timeout=60, what="worker-1's server")
     finally:
         a.kill()  # the crash: no close, no atexit
         a.wait(timeout=60)
-    assert len(servers_of(sim, "re1")) == 2
+    (info,) = list_clusters()
+    assert (info.workers, info.not_joined) == (1, 1), info
+    joined = {s["worker"]: s["joined"] for s in info.servers if s["role"] == "worker"}
+    assert joined == {"worker-0": True, "worker-1": False}
     assert_dask_ctl_lists_without_taking_over(sim, cli_env(sim, state_dir))
 
     cluster = HetznerCluster.from_name("re1")
     try:
         assert cluster.status == Status.running
-        assert set(cluster.workers) == {"worker-0"}
+        assert set(cluster.workers) == {"worker-0"}  # the half-built worker-1 is deleted
+        wait_until(lambda: len(servers_of(sim, "re1")) == 2, timeout=60, what="the half-built server's deletion")
+        (info,) = list_clusters()
+        assert (info.workers, info.not_joined) == (1, 0), info
         assert cluster.scheduler_address.startswith("hetzner://127.0.0.1:")  # the tunnel, reopened
         assert cluster.dashboard_link.startswith("http://127.0.0.1:")
         assert cluster.hourly_cost > 0
@@ -122,8 +139,9 @@ def test_reattach_from_another_process(sim, state_dir, tmp_path):
         cluster.scale(2)
         client.wait_for_workers(2, timeout=180)
         names = {w["name"] for w in client.scheduler_info()["workers"].values()}
-        assert names == {"worker-0", "worker-1"}  # numbering continues after the adopted ones
-        assert (state_dir / "re1" / "hosts" / "re1-worker-1.json").is_file()
+        # Numbering continues after the adopted ones (the deleted half-built one included).
+        assert names == {"worker-0", "worker-2"}
+        assert (state_dir / "re1" / "hosts" / "re1-worker-2.json").is_file()
         assert client.submit(lambda x: x + 1, 41).result(timeout=60) == 42
 
         cluster.adapt(minimum=1, maximum=1, interval="200ms", wait_count=1)
@@ -215,7 +233,9 @@ def test_list_and_nuke_go_by_label_equality(sim, state_dir):
     fake_state(state_dir, "c2")
     clusters = {c.name: c for c in list_clusters()}
     assert set(clusters) == {"c", "c2"}
-    assert clusters["c"].workers == 1 and clusters["c"].status == "no scheduler"
+    # Its worker server never ran dask: not joined, not a worker.
+    assert (clusters["c"].workers, clusters["c"].not_joined) == (0, 1)
+    assert clusters["c"].status == "no scheduler"
     assert clusters["c"].local_state and clusters["c"].age_seconds is not None
 
     nuke("c")

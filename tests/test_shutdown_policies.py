@@ -149,14 +149,14 @@ def test_policies_delete_the_cluster_of_a_killed_client(sim, tmp_path, name, wor
         scheduler_id = int(line[1])
         assert len(servers_of(sim, name)) == 1 + workers
         home = sim.hosts.directory(scheduler_id) / ".dask-hetzner"
-        state = home / "idle-state.json"
+        state = home / "dask" / "idle-state.json"
         wait_until(
             lambda: state.exists() and json.loads(state.read_text())["clients"] == 1,
             timeout=30,
             what="a heartbeat that sees the client",
         )
         assert json.loads(state.read_text())["no_client_since"] is None
-        settings = json.loads((home / "idle.json").read_text())
+        settings = json.loads((home / "lib" / "idle.json").read_text())
         assert (settings["timeout"], settings["no_client_timeout"], settings["max_lifetime"]) == expected
         assert settings["kept_grace"] == (2.0 if keep else None)
         proc.send_signal(signal.SIGKILL)

@@ -9,6 +9,7 @@ from .client import Cloud
 from .errors import ActionFailed, CloudError, ConfigError, token_refused
 from .model import (
     LABEL_CLUSTER,
+    LABEL_JOINED,
     LABEL_KEPT_UNTIL,
     LABEL_ROLE,
     LABEL_START,
@@ -28,6 +29,7 @@ from .watcher import LAZY_POLLS, ServerWatcher
 
 __all__ = [
     "LABEL_CLUSTER",
+    "LABEL_JOINED",
     "LABEL_KEPT_UNTIL",
     "LABEL_ROLE",
     "LABEL_START",

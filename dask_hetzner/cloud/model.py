@@ -20,6 +20,10 @@ LABEL_KEPT_UNTIL = "dask-hetzner/kept-until"
 # a start adopts or deletes only what carries its own (a concurrent start of the same name
 # never takes over or rolls back another's resources).
 LABEL_START = "dask-hetzner/start"
+# Set on a worker's server once its dask worker runs (started and listening): a worker
+# server without it never got that far (its start was killed half-way), which `ls` shows
+# as "not joined" and reattaching deletes instead of counting.
+LABEL_JOINED = "dask-hetzner/joined"
 
 # The labelled resources a cluster shares besides its servers (snapshots are images).
 Kind = Literal["ssh_key", "network", "firewall", "placement_group", "snapshot"]

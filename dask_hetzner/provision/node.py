@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import early_start, environment, launch, layout, liveness, memory, privnet, remote, userdata
 from ..aio import quietly
-from ..cloud import LABEL_WORKER, ServerInfo, cluster_labels
+from ..cloud import LABEL_JOINED, LABEL_WORKER, CloudError, ServerInfo, cluster_labels
 from ..payload import Snapshot
 from ..security import HostKey, cloud_config
 from .context import ClusterContext
@@ -266,4 +266,14 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
     )  # fmt: skip
     # Workers keep no SSH connection open: 200 idle sessions help nobody.
     await quietly(p.conn.close())
+    await _mark_joined(ctx, p)
+
+
+async def _mark_joined(ctx: ClusterContext, p: Prepared) -> None:
+    """Label the server: its worker runs (``ls`` and reattaching tell it from a half-built one)."""
+    labels = {**p.server.labels, LABEL_JOINED: "1"}
+    try:
+        p.server = await ctx.cloud.update_server(p.server.id, p.server.name, labels)
+    except CloudError as e:  # the worker runs all the same; only ls will call it not joined
+        logger.warning("%s: labelling it as joined failed: %s", p.server.name, e)
 

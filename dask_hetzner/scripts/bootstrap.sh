@@ -1,9 +1,9 @@
 #!/bin/bash
 # dask-hetzner bootstrap: builds ~/.dask-hetzner/env with uv; safe to re-run.
 # A template: dask_hetzner/environment.py (bootstrap_script) replaces the @INPUTS@ line with
-# the inputs (REMOTE_DIR, ROLE, HASH, UV_VERSION, PYTHON_VERSION, INDEX_URL, PYTHON_DOWNLOADS_JSON_URL,
-# PYTHON_PREFERENCE, REQUIREMENTS, APT_PACKAGES, SETUP_COMMANDS, LOCAL_WHEELS,
-# REPORT_NAMES, PINS and the Python helpers FETCH_UV_PY, REPORT_PY, COMPARE_PY).
+# the inputs (REMOTE_DIR, DASK_USER, DASK_DIR, TLS_DIR, RUN_AS, ROLE, HASH, UV_VERSION, PYTHON_VERSION,
+# INDEX_URL, PYTHON_DOWNLOADS_JSON_URL, PYTHON_PREFERENCE, REQUIREMENTS, APT_PACKAGES,
+# SETUP_COMMANDS, LOCAL_WHEELS, REPORT_NAMES, PINS and the Python helpers FETCH_UV_PY, REPORT_PY, COMPARE_PY).
 set -Eeuo pipefail
 umask 022
 
@@ -20,7 +20,7 @@ VERSIONS="$BASE/versions.json"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/dask-hetzner"
 
 # The base directory also receives TLS keys: root only. (The cache may be shared: umask 022.)
-(umask 077 && mkdir -p "$BASE")
+(umask 077 && mkdir -p "$BASE" && touch "$LOG")
 mkdir -p "$BASE/bin" "$CACHE"
 
 # Everything (ours and the tools') goes to the log with a timestamp and to stderr; stdout
@@ -44,6 +44,7 @@ if command -v flock >/dev/null 2>&1; then
 fi
 
 echo "bootstrap $ROLE ($HASH) on $(uname -n) $(uname -m)"
+dask_user
 if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$HASH" ] \
         && [ -x "$ENV_DIR/bin/python" ] && [ -s "$VERSIONS" ]; then
     echo "already bootstrapped with these inputs: nothing to do"
@@ -103,6 +104,40 @@ printf '%s\n' "$HASH" >"$MARKER.tmp"
 mv -f "$MARKER.tmp" "$MARKER"
 echo "bootstrap complete"
 cat "$VERSIONS" >&3
+}
+
+# The dask processes run as $DASK_USER, never as root (docs/security.md): tasks run in them,
+# and the API token (idle shutdown) stays in root's 0600 files. $DASK_USER may traverse root's
+# home and $BASE (0711: no listing) to reach the environment (0755), reads the TLS files through
+# its group ($TLS_DIR: root:$DASK_USER 2750) and owns $DASK_DIR (its home: work, spill, the
+# scheduler file). $RUN_AS starts a command as $DASK_USER; without root (the simulator run
+# by an ordinary user) there is nobody to drop: it runs the command as it is. (An empty
+# $DASK_USER is for tests that run this script on their own machine: no user is made, and
+# $RUN_AS refuses to run anything as root.)
+dask_user() {
+    mkdir -p "$HOME/$TLS_DIR" "$HOME/$DASK_DIR"
+    if [ -n "$DASK_USER" ] && [ "$(id -u)" -eq 0 ]; then
+        if ! id -u "$DASK_USER" >/dev/null 2>&1; then
+            useradd --system --user-group --no-log-init --no-create-home \
+                --home-dir "$HOME/$DASK_DIR" --shell /usr/sbin/nologin "$DASK_USER"
+        fi
+        chmod 0711 "$HOME" "$BASE"
+        chown "$DASK_USER:$DASK_USER" "$HOME/$DASK_DIR"
+        chmod 0700 "$HOME/$DASK_DIR"
+        chown "root:$DASK_USER" "$HOME/$TLS_DIR"
+        chmod 2750 "$HOME/$TLS_DIR"
+    fi
+    local tmp="$HOME/$RUN_AS.tmp.$$"
+    cat >"$tmp" <<EOF_RUN_AS
+#!/bin/sh
+# Written by the dask-hetzner bootstrap: runs a command as $DASK_USER (never as root).
+if [ "\$(id -u)" -ne 0 ]; then exec "\$@"; fi
+if [ -z '$DASK_USER' ]; then echo "run-as-dask: no user to run as; refusing to run as root" >&2; exit 1; fi
+export HOME='$HOME/$DASK_DIR' USER='$DASK_USER' LOGNAME='$DASK_USER'
+exec setpriv --reuid='$DASK_USER' --regid='$DASK_USER' --init-groups --inh-caps=-all --no-new-privs -- "\$@"
+EOF_RUN_AS
+    chmod 0755 "$tmp"
+    mv -f "$tmp" "$HOME/$RUN_AS"
 }
 
 finish() {

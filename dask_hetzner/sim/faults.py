@@ -89,8 +89,9 @@ HOST_FAULTS: dict[str, tuple[str, ...]] = {
     "slow_boot": ("delay",),  # extra seconds before SSH
     "processes_die": ("after",),  # every process dies `after` s past boot (SSH stays)
     "server_vanishes": ("after",),  # gone from the API and destroyed, `after` s past running
-    # Every SSH connection is cut `after` s past boot; sshd refuses for `down` s, then is back.
-    "ssh_drop": ("after", "down"),
+    # Every SSH connection is cut `after` s past boot; sshd refuses for `down` s, then is back
+    # (`new_host_key=1`: with a host key of its own, as another machine at that address).
+    "ssh_drop": ("after", "down", "new_host_key"),
     # cloud-init crashes on first boot: neither user_data (the pinned host key) nor the
     # create request's ssh_keys (root's authorized_keys) are applied; the image's own
     # generated host key is offered and every client key refused.

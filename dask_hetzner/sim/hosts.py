@@ -77,6 +77,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 from .cpu import CpuShares
 from .host import Host, HostSpec
 from .networking import Networking
@@ -157,7 +159,8 @@ class HostManager:
                 restore = self._image_dir(spec.snapshot)  # a new server from a snapshot
         async with host.lock:
             if restore is not None:
-                await asyncio.to_thread(_restore, restore, host.home, host.private / "etc" / "upper")
+                disk = (host.home, host.private / "etc" / "upper", host.private / "home")
+                await asyncio.to_thread(_restore, restore, *disk)
             if host.running:
                 return
             host.spec = spec
@@ -233,16 +236,19 @@ class HostManager:
         self._kill_children(host)
         host.sandbox_task = asyncio.ensure_future(self._restart_sandbox(host, old))
 
-    async def drop_ssh(self, server_id: int, *, down: float = 0.0) -> None:
+    async def drop_ssh(self, server_id: int, *, down: float = 0.0, new_host_key: bool = False) -> None:
         """Host fault: every SSH connection of the server is cut (processes keep running).
 
-        With ``down`` > 0 sshd also refuses new connections for that many seconds.
+        With ``down`` > 0 sshd also refuses new connections for that many seconds; with
+        ``new_host_key`` it comes back with a host key of its own (not the pinned one).
         """
         host = self._hosts.get(server_id)
         if host is None or not host.running:
             return
         async with host.lock:
-            acceptors = await host.cut_ssh(stop_listening=down > 0)
+            acceptors = await host.cut_ssh(stop_listening=down > 0 or new_host_key)
+            if new_host_key:
+                host.host_keys = [asyncssh.generate_private_key("ssh-ed25519")]
         if not acceptors:
             return
         await asyncio.sleep(down)
@@ -263,13 +269,15 @@ class HostManager:
         await asyncio.to_thread(rmtree, *dirs)
 
     async def snapshot(self, server_id: int, image_id: int) -> int:
-        """Copy the server's disk (its directory and its /etc changes) into an image; its size
-        in bytes."""
+        """Copy the server's disk (its directory, its /etc changes and its /home) into an image;
+        its size in bytes."""
         host = self._hosts.get(server_id)
         if host is None:
             return 0
         target = self._image_dir(image_id)
-        return await asyncio.to_thread(_copy_disk, host.home, host.private / "etc" / "upper", target)
+        return await asyncio.to_thread(
+            _copy_disk, host.home, host.private / "etc" / "upper", target, host.private / "home"
+        )
 
     async def forget_image(self, image_id: int) -> None:
         await asyncio.to_thread(rmtree, self._image_dir(image_id))
@@ -471,22 +479,32 @@ def _raise_fd_limit(wanted: int = 65536) -> None:
         pass
 
 
-def _copy_disk(home: Path, etc: Path, target: Path) -> int:
+def _copy_tree(source: Path, target: Path) -> None:
+    """A copy with modes and owners (a server's users own files: the dask user's, useradd -m)."""
+    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    if os.geteuid() != 0:
+        return
+    for path in [source, *source.rglob("*")]:
+        info = path.lstat()
+        os.lchown(target / path.relative_to(source), info.st_uid, info.st_gid)
+        if not path.is_symlink():  # chown clears set-user/group-ID bits
+            os.chmod(target / path.relative_to(source), info.st_mode & 0o7777)
+
+
+def _copy_disk(home: Path, etc: Path, target: Path, users: Path | None = None) -> int:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    if home.is_dir():
-        shutil.copytree(home, target / "home", symlinks=True)
-    if etc.is_dir():
-        shutil.copytree(etc, target / "etc", symlinks=True)
+    for source, name in ((home, "home"), (etc, "etc"), (users, "users")):
+        if source is not None and source.is_dir():
+            _copy_tree(source, target / name)
     return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _restore(image: Path, home: Path, etc: Path) -> None:
+def _restore(image: Path, home: Path, etc: Path, users: Path | None = None) -> None:
     """A new server's disk from a snapshot (an image deleted meanwhile: an empty disk)."""
-    if (image / "home").is_dir():
-        shutil.copytree(image / "home", home, symlinks=True, dirs_exist_ok=True)
-    if (image / "etc").is_dir():
-        shutil.copytree(image / "etc", etc, symlinks=True, dirs_exist_ok=True)
+    for name, target in (("home", home), ("etc", etc), ("users", users)):
+        if target is not None and (image / name).is_dir():
+            _copy_tree(image / name, target)
 
 
 def rmtree(*paths: Path) -> None:

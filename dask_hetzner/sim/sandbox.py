@@ -1,7 +1,7 @@
 """The sandbox of a simulated server: ``sandbox.sh`` in new mount, pid and UTS namespaces.
 
 An "init" per server; every mount read-only except the server's directory, a private
-/tmp, /var/tmp and /dev/shm, and the shared package cache.  Its commands enter it with
+/tmp, /var/tmp, /home and /dev/shm, an /etc overlay, and the shared package cache.  Its commands enter it with
 ``nsenter`` without the capabilities that could undo it (``DROPPED_CAPS``); killing the
 init kills every process of the server.  Children are reaped through pidfds.
 """
@@ -248,6 +248,7 @@ def prepare_dirs(dirs: Dirs, *, fresh_tmp: bool = True) -> None:
     for name in ("tmp", "var-tmp"):
         (dirs.private / name).mkdir(parents=True, exist_ok=True)
         (dirs.private / name).chmod(0o1777)
+    (dirs.private / "home").mkdir(mode=0o755, exist_ok=True)  # the server's /home (sandbox.sh)
     for name in ("upper", "work"):  # the server's /etc overlay (sandbox.sh)
         (dirs.private / "etc" / name).mkdir(mode=0o755, parents=True, exist_ok=True)
 

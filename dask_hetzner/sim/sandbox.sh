@@ -4,8 +4,9 @@
 #   unshare --mount --pid --uts --fork --propagation private \
 #       bash sandbox.sh NAME HOME PRIVATE CACHE SHIMS [KEEP]
 # It leaves writable only HOME (the server's directory, also mounted on /root), /tmp
-# and /var/tmp (PRIVATE/tmp, PRIVATE/var-tmp), /etc (an overlay kept in PRIVATE/etc), a
-# fresh tmpfs /dev/shm and CACHE (the shared package cache); every other mount becomes
+# and /var/tmp (PRIVATE/tmp, PRIVATE/var-tmp), /etc (an overlay kept in PRIVATE/etc), /home
+# (PRIVATE/home: users' homes, as useradd -m makes them), a fresh tmpfs /dev/shm and CACHE
+# (the shared package cache); every other mount becomes
 # read-only. It prints
 # "ready <host pid>" and becomes a tiny reaping init: when the simulator kills
 # it, the kernel kills every process of the server.
@@ -26,20 +27,22 @@ hostname "${name:0:64}" # the kernel's limit
 # Open the directories first: if they live under /tmp, the private /tmp below
 # hides their host paths. mount -c binds /proc/self/fd/N without resolving it
 # to a (hidden) path.
-exec 3<"$home" 4<"$cache" 5<"$priv/tmp" 6<"$priv/var-tmp" 7<"$shims" 8<"$priv/etc"
+exec 3<"$home" 4<"$cache" 5<"$priv/tmp" 6<"$priv/var-tmp" 7<"$shims" 8<"$priv/etc" 11<"$priv/home"
 # The server's own size in /proc/meminfo (its type's memory, not this machine's).
 if [ -f "$priv/meminfo" ]; then exec 10<"$priv/meminfo"; fi
 bindfd() {
     [ -d "$2" ] || mkdir -p "$2"
     mount -c --bind "/proc/self/fd/$1" "$2"
 }
+# /home and /tmp first: HOME or CACHE may live below them on this machine.
+bindfd 11 /home
 bindfd 5 /tmp
 [ -d /var/tmp ] && bindfd 6 /var/tmp
 bindfd 3 "$home"
 bindfd 4 "$cache"
 bindfd 7 "$shims"
 mount -o remount,bind,ro "$shims"
-exec 3<&- 4<&- 5<&- 6<&- 7<&-
+exec 3<&- 4<&- 5<&- 6<&- 7<&- 11<&-
 
 # A minimal /dev: no disks or other hardware, a private /dev/shm (tmpfs,
 # multiprocessing needs it writable) and the host's ptys. Built on the side
@@ -71,7 +74,7 @@ printf '%s\n' "${name:0:64}" >/etc/hostname
 for t in "${targets[@]}"; do
     printf -v t '%b' "$t"
     case $t in
-    /proc | /proc/* | /dev | /dev/* | /tmp | /tmp/* | /var/tmp | /var/tmp/* | /etc/*) ;;
+    /proc | /proc/* | /dev | /dev/* | /tmp | /tmp/* | /var/tmp | /var/tmp/* | /etc/* | /home | /home/*) ;;
     *) mount -o remount,bind,ro "$t" ;;
     esac
 done

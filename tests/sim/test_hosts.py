@@ -675,6 +675,11 @@ async def test_shims_succeed_and_log(cloud: Cloud) -> None:
     log = (cloud.manager.directory(1) / ".sim" / "shims.log").read_text()
     assert "apt-get install -y python3-venv" in log and "reboot" in log
     assert (await cloud.run(1, "hostname")).stdout == "node-1\n"
+    if cloud.manager.sandboxed:
+        # Its /etc and /home are its own: the user exists there, with a home, and nowhere else.
+        who = await cloud.run(1, "id -un dask && stat -c %U /home/dask && sudo -u dask id -un")
+        assert who.stdout == "dask\ndask\ndask\n", who.stderr
+        assert "dask:" not in await asyncio.to_thread(Path("/etc/passwd").read_text)
 
 
 # -- life cycle and scale ----------------------------------------------------------

@@ -290,7 +290,12 @@ def _route_to(ip: str) -> bool:
 
 async def test_a_server_from_a_snapshot_starts_with_its_disk(servers: Servers) -> None:
     await servers.create(["origin"])
-    made = await servers.run("origin", "echo kept > /root/data && echo conf > /etc/app.conf")
+    # A user with a home of its own (/etc and /home are the server's), owning a file.
+    made = await servers.run(
+        "origin",
+        "echo kept > /root/data && echo conf > /etc/app.conf && useradd -m dask "
+        "&& echo mine > /home/dask/f && chown dask: /home/dask/f",
+    )
     assert made.exit_status == 0, made.stderr
     r = await servers.raw.post(f"/servers/{servers.ids['origin']}/actions/create_image", {"type": "snapshot"})
     assert r.status == 201, r.body
@@ -305,7 +310,7 @@ async def test_a_server_from_a_snapshot_starts_with_its_disk(servers: Servers) -
     servers.ids["copy"] = r.body["server"]["id"]
     servers.public["copy"] = r.body["server"]["public_net"]["ipv4"]["ip"]
     await servers.sim.settle(timeout=60)
-    seen = await servers.run("copy", "cat /root/data /etc/app.conf; hostname")
-    assert seen.stdout == "kept\nconf\ncopy\n", seen.stderr
+    seen = await servers.run("copy", "cat /root/data /etc/app.conf; hostname; stat -c %U /home/dask/f")
+    assert seen.stdout == "kept\nconf\ncopy\ndask\n", seen.stderr
     d = await servers.raw.delete(f"/images/{image}")
     assert d.status == 204, d.body

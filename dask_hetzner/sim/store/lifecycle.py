@@ -182,8 +182,9 @@ class Lifecycle:
         server.timings.mark("ssh_dropped")
         if self.hosts is not None and server.host_exists and hasattr(self.hosts, "drop_ssh"):
             down = self.core.timing.scale(float(rule.params.get("down") or 0.0))
+            new_key = bool(rule.params.get("new_host_key"))
             try:
-                await self.hosts.drop_ssh(server.id, down=down)
+                await self.hosts.drop_ssh(server.id, down=down, new_host_key=new_key)
             except Exception as exc:
                 log.exception("drop_ssh failed for server %s", server.id)
                 self.core.host_errors.append(f"drop_ssh {server.id}: {exc!r}")

@@ -1,7 +1,7 @@
 """Start a worker before its scheduler runs: a nanny preload copied to each worker's server.
 
 A worker's server is usually bootstrapped before the scheduler answers. Its ``dask worker``
-starts at once anyway, with ``--preload-nanny ~/.dask-hetzner/early_start.py``, so that what
+starts at once anyway, with ``--preload-nanny ~/.dask-hetzner/lib/early_start.py``, so that what
 takes a worker seconds happens while the scheduler starts:
 
 * the nanny's own imports;

@@ -6,10 +6,10 @@ is (its top-level imports are the standard library only):
 * on the client: :class:`IdleSettings` and :func:`install`, which copy this file, its
   settings and the API token (0600, over SFTP) to the scheduler's server and start the
   watchdog there;
-* in the scheduler (``dask scheduler --preload ~/.dask-hetzner/idle.py``): :func:`dask_setup`
+* in the scheduler (``dask scheduler --preload ~/.dask-hetzner/lib/idle.py``): :func:`dask_setup`
   writes a heartbeat every second saying since when the scheduler has had no work and no
   client; it runs as the unprivileged dask user and never sees the token (root's 0600 file);
-* on the server (``python3 ~/.dask-hetzner/idle.py watch ~/.dask-hetzner/idle.json``): the
+* on the server (``python3 ~/.dask-hetzner/lib/idle.py watch ~/.dask-hetzner/lib/idle.json``): the
   watchdog, run as root, plain ``python3`` + ``urllib``. When the heartbeat says idle for ``timeout``, or
   stops for that long (the scheduler died), it deletes everything carrying the cluster's
   label: the other servers first, then the shared resources, its own server last.

@@ -274,7 +274,10 @@ def test_slow_create_action(fsim, scenario):
     with scenario("10 create actions take 3 s more") as row:
         fsim.inject("slow_action", method="POST", path=r"^/servers$", command="create_server", duration=3)
         t0 = time.monotonic()
-        with HetznerCluster(workers=1, name="f10a") as cluster:
+        # Late in a whole suite run (never alone), this scenario's first server was twice not
+        # reached within the fast 20 s SSH bound (CI, and a local run); the cause is not found
+        # yet (see the stop's note). The slow *create* is what this scenario tests.
+        with dask.config.set({"hetzner.timeouts.ssh": "60s"}), HetznerCluster(workers=1, name="f10a") as cluster:
             assert time.monotonic() - t0 >= 3
             check_up(cluster, 1)
             row["outcome"] = up(cluster, fsim)

@@ -75,6 +75,7 @@ class Login:
         *,
         retry_for: float | None = None,
         probe_interval: float | None = None,
+        seen: dict[str, str] | None = None,
     ) -> remote.Remote:
         return await remote.connect(
             host,
@@ -87,6 +88,7 @@ class Login:
             timeout=min(30.0, max(5.0, self._ssh_timeout / 3)),
             retry_until=self._ssh_timeout if retry_for is None else retry_for,
             probe_interval=probe_interval,
+            seen=seen,
         )
 
 
@@ -324,12 +326,14 @@ class ServerFactory:
         assert server.public_ip, f"server {server.name} has no public IPv4"
         timeouts = self.settings.timeouts
         ssh_timeout = timeouts["ssh"]
+        seen: dict[str, str] = {}
         login = asyncio.ensure_future(
             self.login(
                 server.public_ip,
                 host_key,
                 retry_for=timeouts["server-create"] + ssh_timeout,
                 probe_interval=self.watcher.interval,
+                seen=seen,
             )
         )
         where = f"server {server.name} ({server.location})"  # not only its address
@@ -344,7 +348,7 @@ class ServerFactory:
                 except asyncio.TimeoutError:
                     raise remote.SSHTimeout(
                         f"{where}: SSH on {server.public_ip}:{self.login.port} not reachable after "
-                        f"{ssh_timeout:g} s of running"
+                        f"{ssh_timeout:g} s of running (last: {seen.get('last', 'no attempt ended')})"
                     ) from None
             try:
                 return login.result()

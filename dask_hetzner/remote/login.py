@@ -91,6 +91,7 @@ async def connect(
     keepalive_interval: float = 15.0,
     keepalive_count_max: int = 4,
     probe_interval: float | None = None,
+    seen: dict[str, str] | None = None,
 ) -> Remote:
     """Connect to ``host:port`` as ``username``, trusting only ``host_key``.
 
@@ -103,7 +104,11 @@ async def connect(
     With ``probe_interval``, the port is first tried with bare TCP connects that often: for
     a server still being created, whose SSH comes up at an unknown moment (an SSH attempt
     costs far more, and backs off).
+
+    ``seen["last"]`` is kept up to date with what the last attempt met, for a caller whose
+    own bound ends first (its error can then say why).
     """
+    seen = {} if seen is None else seen
     options = _options(
         client_key=client_key,
         host_key=host_key,
@@ -114,8 +119,8 @@ async def connect(
     )
     deadline = asyncio.get_running_loop().time() + retry_until
     if probe_interval is not None:
-        await _wait_port(host, port, probe_interval, deadline)
-    conn = await _open_until(host, port, options, host_key, timeout, deadline, retry_until)
+        await _wait_port(host, port, probe_interval, deadline, seen)
+    conn = await _open_until(host, port, options, host_key, timeout, deadline, retry_until, seen)
     return Remote(conn, host, port, username)
 
 
@@ -127,6 +132,7 @@ async def _open_until(
     timeout: float,
     deadline: float,
     retry_until: float,
+    seen: dict[str, str],
 ) -> asyncssh.SSHClientConnection:
     """SSH attempts with backoff until one logs in (at least one, whatever ``deadline``)."""
     where = f"{host}:{port}"
@@ -155,6 +161,7 @@ async def _open_until(
             # OSError: refused/unreachable/reset; asyncssh.Error: handshake cut short, login
             # refused while cloud-init is still writing authorized_keys, ...
             last_error = e
+            seen["last"] = f"SSH attempt {attempts}: {describe(e)}"
             logger.debug("SSH %s not ready (attempt %d): %r", where, attempts, e)
         else:
             logger.debug("SSH %s connected after %d attempt(s)", where, attempts)
@@ -171,13 +178,14 @@ async def _open_until(
     ) from last_error
 
 
-async def _wait_port(host: str, port: int, interval: float, deadline: float) -> None:
+async def _wait_port(host: str, port: int, interval: float, deadline: float, seen: dict[str, str]) -> None:
     """Until ``host:port`` accepts a TCP connection or ``deadline`` (loop time) passes."""
     loop = asyncio.get_running_loop()
     while (remaining := deadline - loop.time()) > 0:
         # A booting server refuses, or drops (then a fresh SYN beats the kernel's backoff).
         if await _accepts(host, port, min(max(3.0, interval), remaining)):
             return
+        seen["last"] = "the port did not accept a TCP connection yet"
         await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
 
 

@@ -244,11 +244,64 @@ def _chain(
     return parts
 
 
+async def server_chains(
+    sim: SimProcess, cluster: Any, client: Any
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, float]]:
+    """Each running worker's ``add-worker`` time (the scheduler's clock, ``time.time()``),
+    each server's own chain (``_chain``: the scheduler's and every running worker's), and how
+    long each worker waited for the scheduler."""
+    from dask_hetzner import early_start
+
+    info = await workers_of(client)
+    registered: dict[str, float] = {}
+    for stamp, msg in await client.get_events("all"):
+        if isinstance(msg, dict) and msg.get("action") == "add-worker" and msg.get("worker") in info:
+            registered[info[msg["worker"]]] = stamp
+    # Floor: each server's own chain, from the simulator's draws and the hosts.
+    sim_timings = await sim.ask("timings")
+    chains: dict[str, dict[str, float]] = {}
+    sched = cluster.scheduler.prepared
+    chains["scheduler"] = _chain(
+        sim_timings[str(sched.server.id)], sched.timings, sched.timings["ready"] - sched.timings["process"]
+    )
+    # A worker starts before the scheduler answers and waits for it (its log says how
+    # long): its own dask start is the rest. Conservative: the work it did meanwhile
+    # (imports) is not counted, so the floor is lower than the worker's true chain.
+    logs = await cluster.get_logs(cluster=False, scheduler=False)
+    waited: dict[str, float] = {}
+    for wname in cluster.workers:
+        m = early_start.WAITED.search(str(logs.get(wname, "")))
+        waited[wname] = float(m.group(1)) if m else 0.0
+    for wname, node in cluster.workers.items():
+        if wname not in registered:
+            continue
+        p = node.prepared
+        began = p.started_at + p.timings["process"]
+        chains[wname] = _chain(sim_timings[str(p.server.id)], p.timings, registered[wname] - began - waited[wname])
+    return registered, chains, waited
+
+
+def floor_with_scheduler(chains: dict[str, dict[str, float]], first: bool = False) -> float:
+    """The floor of a worker that can only start its dask once the scheduler runs: its chain
+    up to its dask start, or the scheduler's whole chain, whichever is longer, then its dask
+    start. The slowest worker's (all running), or with ``first`` the quickest one's (one)."""
+    sched = chains["scheduler"]["total"]
+    each = [max(c["total"] - c["dask_start"], sched) + c["dask_start"] for k, c in chains.items() if k != "scheduler"]
+    return min(each) if first else max([sched, *each])
+
+
+def floor_first(chains: dict[str, dict[str, float]]) -> float:
+    """The scheduler and one worker running, each by its own chain (as the time-to-ready
+    floor): the scheduler's chain or the quickest worker's, whichever is longer."""
+    sched = chains["scheduler"]["total"]
+    return min(max(sched, c["total"]) for k, c in chains.items() if k != "scheduler")
+
+
 async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> dict[str, Any]:
     import dask
     from distributed import Client
 
-    from dask_hetzner import HetznerCluster, early_start
+    from dask_hetzner import HetznerCluster
 
     settings = {
         "hetzner.token": sim.token,
@@ -278,54 +331,14 @@ async def life(n: int, sim: SimProcess, time_scale: float, timeout: float) -> di
             seen = time.time() - t0
             stall = await probe.stop()
             gc_objects = len(gc.get_objects())  # what a full collection walks
-            info = await workers_of(client)
-            events = await client.get_events("all")
-            registered: dict[str, float] = {}
-            for stamp, msg in events:
-                if isinstance(msg, dict) and msg.get("action") == "add-worker":
-                    if msg.get("worker") in info:
-                        registered[info[msg["worker"]]] = stamp
+            registered, chains, waited = await server_chains(sim, cluster, client)
             assert len(registered) == n, f"{len(registered)} add-worker events for {n} workers"
             ready = max(registered.values()) - t0 if n else seen
-
-            # Floor: the slowest server's own chain, from the simulator's draws and the hosts.
-            sim_timings = await sim.ask("timings")
-            chains: dict[str, dict[str, float]] = {}
-            sched = cluster.scheduler.prepared
-            chains["scheduler"] = _chain(
-                sim_timings[str(sched.server.id)],
-                sched.timings,
-                sched.timings["ready"] - sched.timings["process"],
-            )
-            # A worker starts before the scheduler answers and waits for it (its log says how
-            # long): its own dask start is the rest. Conservative: the work it did meanwhile
-            # (imports) is not counted, so the floor is lower than the worker's true chain.
-            logs = await cluster.get_logs(cluster=False, scheduler=False)
-            waited: dict[str, float] = {}
-            for wname in cluster.workers:
-                m = early_start.WAITED.search(str(logs.get(wname, "")))
-                waited[wname] = float(m.group(1)) if m else 0.0
-            for wname, node in cluster.workers.items():
-                p = node.prepared
-                began = p.started_at + p.timings["process"]
-                chains[wname] = _chain(
-                    sim_timings[str(p.server.id)],
-                    p.timings,
-                    registered[wname] - began - waited[wname],
-                )
             slowest = max(chains, key=lambda k: chains[k]["total"])
             floor = chains[slowest]["total"]
             # For comparison: the floor of a design that starts each worker's process only
             # once the scheduler runs (its dask start begins once both are there).
-            sched_total = chains["scheduler"]["total"]
-            floor_dep = max(
-                [sched_total]
-                + [
-                    max(c["total"] - c["dask_start"], sched_total) + c["dask_start"]
-                    for k, c in chains.items()
-                    if k != "scheduler"
-                ]
-            )
+            floor_dep = floor_with_scheduler(chains)
 
             # Scale by half up and down, then close: the API requests of a whole life. Up
             # first, unless 1.5 n servers would not fit in this machine's memory: then down

@@ -50,9 +50,14 @@ class LateWorkers:
     def join_when_ready(self, names: list[str] | None = None) -> None:
         """Each of ``names`` (held ones; all by default) joins once its provisioning ends."""
         for name in list(self.specs) if names is None else names:
-            join = asyncio.ensure_future(self._join(name))
-            self._joins.add(join)
-            join.add_done_callback(self._joins.discard)
+            self.spawn(self._join(name))
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` (a join, or deciding on a failed worker's successor) in the background,
+        held here so it is not collected mid-way, and cancelled by ``stop``."""
+        task = asyncio.ensure_future(work)
+        self._joins.add(task)
+        task.add_done_callback(self._joins.discard)
 
     def add(self, name: str, spec: dict[str, Any]) -> None:
         """A new worker (a successor): provisioned now, joins when ready."""

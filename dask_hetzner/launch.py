@@ -20,8 +20,10 @@ TLS_ARGS = (
     f"--tls-ca-file {layout.TLS_DIR}/ca.pem --tls-cert {layout.TLS_DIR}/node.pem "
     f"--tls-key {layout.TLS_DIR}/node.key"
 )
-# Plain TCP is refused by the processes themselves, not only by the firewall.
-PROCESS_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
+# Plain TCP is refused by the processes themselves, not only by the firewall. Bytecode goes
+# to the dask user's own cache: a restart (a kept server) then imports without compiling;
+# never into root's environment, which root's own processes run from.
+PROCESS_ENV = f'DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True PYTHONPYCACHEPREFIX="$HOME"/{layout.PYCACHE_DIR}'
 # The user's variables and secrets (payload.py): read from their 0600 file by the shell that
 # starts the process, so no value is ever on a command line. That shell is root's; the dask
 # process itself runs as the unprivileged dask user (layout.RUN_AS, docs/security.md).

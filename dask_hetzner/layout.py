@@ -24,6 +24,9 @@ RUN_AS = f"{REMOTE_DIR}/bin/run-as-dask"
 WORK_DIR = f"{DASK_DIR}/work"
 TLS_DIR = f"{REMOTE_DIR}/tls"
 SCHEDULER_FILE = f"{DASK_DIR}/scheduler.json"
+# The dask user's bytecode cache (PYTHONPYCACHEPREFIX): the environment is root's and not
+# writable for it, so without this every dask process compiled every module it imports again.
+PYCACHE_DIR = f"{DASK_DIR}/pycache"
 # Files the dask processes import (preloads): root's, in a directory the dask user may list
 # (Python's import system lists a module's directory; the others here are not listable).
 LIB_DIR = f"{REMOTE_DIR}/lib"

@@ -137,8 +137,11 @@ class ClusterLifecycle(SpecCluster):
 
     @property
     def owns_resources(self) -> bool:
-        """This object created (or took over) servers that closing it deletes."""
-        return self._touched and not self._detached
+        """This object created (or took over) servers that closing it deletes, and they are
+        not deleted yet (a failed start's rollback deleted them: nothing is left at exit)."""
+        done = self._teardown_task
+        deleted = done is not None and done.done() and not done.cancelled() and done.exception() is None
+        return self._touched and not self._detached and not deleted
 
     async def delete_by_label(self, timeout: float) -> None:
         """Delete every resource labelled with this cluster's name, then its local state,
@@ -172,6 +175,9 @@ class ClusterLifecycle(SpecCluster):
         # Servers still being created for this process are not part of the cluster yet.
         await self._late.stop()
         await self._provisioner.cancel_all()
+        # Kept servers' timers stop here: a process that reattaches takes them over (and may
+        # give one to a worker); else the watchdog, close or nuke deletes them.
+        await self._ctx.kept.clear()
         self._ctx.watcher.stop()
         if isinstance(self.scheduler, SchedulerServer):
             await self.scheduler.disconnect()
@@ -298,7 +304,6 @@ class ClusterLifecycle(SpecCluster):
             await asyncio.shield(self._teardown())
             raise
 
-
     async def _start_unless_limited(self) -> None:
         """SpecCluster's start; the account's server limit fails it at once (every server
         created meanwhile is billed a started hour), unless allow-fewer-workers is set."""
@@ -370,6 +375,9 @@ class ClusterLifecycle(SpecCluster):
         # Nodes then delete without waiting one by one: teardown waits for all at once.
         self._ctx.factory.begin_closing()
         await self._late.stop()  # the teardown deletes what they were provisioning
+        # A scale-up's servers still being made: cancelled now, so SpecCluster's close (which
+        # waits for the scale-up's batch) does not wait for them to boot and bootstrap first.
+        await self._provisioner.cancel_all()
         if self._resubscribing is not None and not self._resubscribing.done():
             self._resubscribing.cancel()  # the scheduler stream is being closed anyway
         if self.status == Status.running and not self._scheduler_gone and self.scheduler_comm:
@@ -485,7 +493,7 @@ class ClusterLifecycle(SpecCluster):
                 w.status = Status.failed  # SpecCluster's close checks every node it made
             specs[n] = self.worker_spec.pop(n, None) or self.new_spec
         errors: dict[str, BaseException] = {n: self._provisioner.failures.pop(n, e) for n in failed}
-        asyncio.ensure_future(self._replace_failed(errors, specs))
+        self._late.spawn(self._replace_failed(errors, specs))
 
     async def _late_done(self, name: str, spec: dict[str, Any], error: BaseException | None) -> None:
         """A late worker's provisioning ended: it joins the plan (its node takes the ready
@@ -503,6 +511,8 @@ class ClusterLifecycle(SpecCluster):
         """Failed workers: each gets one successor (late.Replacements), joining when ready;
         the others are named in an error. None while the cluster is closing or its scheduler
         is gone (another process's close deleted it: successors would be created in vain)."""
+        if self._ctx.factory.closing:
+            return  # a close cancelled them: their servers go with the rest
         if not await self._usable():
             logger.error("cluster %s: workers failed to start: %s", self.name, late.describe(errors))
             return
@@ -603,7 +613,7 @@ class ClusterLifecycle(SpecCluster):
 
     def _replace_lost(self) -> None:
         if self.status == Status.running and not self._scheduler_gone and set(self.worker_spec) - set(self.workers):
-            asyncio.ensure_future(self._replace_lost_if_scheduler_alive())
+            self._late.spawn(self._replace_lost_if_scheduler_alive())
 
     async def _replace_lost_if_scheduler_alive(self) -> None:
         # A scheduler that stopped itself (idle shutdown) reports its workers lost first:

@@ -100,5 +100,10 @@ async def adopt(ctx: ClusterContext, state: ClusterState) -> Adopted:
     workers = {
         s.labels[LABEL_WORKER]: s for s in found.servers if s.role == "worker" and s.labels.get(LABEL_WORKER)
     }
+    # Kept servers (paid, idle) serve this process's scale-ups; one without a pinned host key
+    # cannot be trusted for that and goes with the cluster.
+    for s in found.servers:
+        if s.role == "kept" and s.name in keys:
+            ctx.kept.adopt(s, keys[s.name])
     numbers = [int(m[1]) for w in workers if (m := re.fullmatch(r"worker-(\d+)", w))]
     return Adopted(scheduler, keys, workers, max(numbers, default=-1) + 1)

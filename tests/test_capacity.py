@@ -213,32 +213,81 @@ def test_scale_up_reuses_kept_servers_until_their_paid_hour_ends(sim):
             cluster.scale(0)
             wait_until(lambda: "kept" in _by_role(sim, "keep1"), timeout=60, what="the last worker's server kept")
             assert cluster.server_hours == sim.bill("keep1")["server_hours"] == 3
-        # close() deleted the kept server too (the fixture checks nothing is left).
+            (last,) = _by_role(sim, "keep1")["kept"]
+            client.close()
+            cluster.detach()
+
+        # Another process reattaches (here this one, after detach): it takes the kept server
+        # over, for its next worker and for its deletion; the detached object's timer stopped.
+        posts = sim.stats.requests["POST /servers"]
+        again = HetznerCluster.from_name("keep1")
+        try:
+            assert [k.server.id for k in again.context.kept.kept.values()] == [last.id]
+            assert "1 kept (paid, idle until " in repr(again)
+            again.scale(1)
+            again.get_client().wait_for_workers(1, timeout=60)
+            (taken,) = _by_role(sim, "keep1")["worker"]
+            assert taken.id == last.id and taken.name.startswith("keep1-worker-"), taken.name
+            assert sim.stats.requests["POST /servers"] == posts
+        finally:
+            again.close()
+    # close() deleted the kept servers too (the fixture checks nothing is left).
     assert servers_of(sim, "keep1") == []
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_wait_for_workers_returns_with_any_first_and_replaces_a_late_failure(sim, caplog):
-    """wait_for_workers=1 of 3: worker-0 boots slowly (slow_boot), so the constructor returns
-    with worker-1, the first that is up, not with worker-0; worker-0 joins later. worker-2's
-    SSH never answers (a host fault): it fails in the background and is replaced once, by
-    worker-3, named in a warning; its server is deleted."""
-    # Far later than the others (their bootstraps vary on a loaded machine); below the ssh bound (60 s).
-    sim.inject("slow_boot", name="wfw-worker-0", delay=50)
-    never = sim.inject("ssh_never", name="wfw-worker-2")
+    """wait_for_workers=1 of 3: worker-0's SSH is held back (slow_boot, ended by the test once
+    the start returned), so the constructor returns with worker-1, the first that is up, not
+    with worker-0; worker-0 joins later. cloud-init fails on worker-2's servers (a host fault;
+    a second server fails too): it fails in the background and is replaced once, by worker-3,
+    named in a warning; its servers are deleted."""
+    sim.inject("slow_boot", name="wfw-worker-0", delay=3600)  # held until released below
+    broken = sim.inject("cloud_init_fails", name="wfw-worker-2")
     with caplog.at_level("WARNING", logger="dask_hetzner"):
         cluster = HetznerCluster(workers=3, name="wfw", wait_for_workers=1, worker_server_type="cx23")
         with cluster, Client(cluster) as client:
             # The plan the start waited for held the first ready worker alone.
             assert list(cluster.workers) == ["worker-1"], list(cluster.workers)
+            wait_until(lambda: _ended_ssh_delay(sim, "wfw-worker-0"), timeout=30, what="worker-0's SSH released")
             client.wait_for_workers(3, timeout=180)
             assert {w["name"] for w in client.scheduler_info()["workers"].values()} == {"worker-0", "worker-1", "worker-3"}
-            assert never.hits == 1
-            assert "worker-2 failed to start (server wfw-worker-2 (fsn1): SSH on" in caplog.text
+            assert broken.hits == 2  # its first server, and the one created in its place
+            assert "worker-2 failed to start (creating server wfw-worker-2" in caplog.text
+            assert "cloud-init did not apply the user data" in caplog.text
             assert "replacing it with worker-3" in caplog.text
             assert {s.name for s in servers_of(sim, "wfw")} == {"wfw-scheduler", "wfw-worker-0", "wfw-worker-1", "wfw-worker-3"}
             assert set(cluster.worker_spec) == {"worker-0", "worker-1", "worker-3"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_close_during_a_scale_up_does_not_wait_for_its_servers(sim, caplog):
+    """A scale-up's server boots for 15 minutes (slow_boot, within the ssh bound): close()
+    cancels its provisioning and deletes it, instead of waiting for SpecCluster's scale-up
+    batch (which this test's timeout would end long before), and says nothing failed."""
+    with dask.config.set({"hetzner.timeouts.ssh": "1200s"}):
+        cluster = HetznerCluster(workers=1, name="cds", worker_server_type="cx23")
+        with cluster:
+            sim.inject("slow_boot", name="cds-worker-1", delay=900)
+            with caplog.at_level("WARNING", logger="dask_hetzner"):
+                cluster.scale(2)
+                wait_until(
+                    lambda: "cds-worker-1" in {s.name for s in servers_of(sim, "cds")},
+                    timeout=60, what="worker-1's server created",
+                )  # fmt: skip
+                cluster.close()
+    assert servers_of(sim, "cds") == []
+    assert "failed to start" not in caplog.text, caplog.text
+
+def _ended_ssh_delay(sim, name: str) -> bool:
+    try:
+        sim.end_ssh_delay(name)
+    except LookupError:
+        return False  # not booted yet
+    return True
+
 
 
 def test_a_failed_worker_is_replaced_once_and_never_past_the_limits():

@@ -328,6 +328,15 @@ def _check_tasks_are_unprivileged(sim, client: Client, name: str, scheduler_id: 
             "become root": attempt(lambda: os.setuid(0)),
             "watchdogs": len(watchdogs),
         }
+        # Bytecode: in its own cache, never written into root's environment.
+        import sys
+
+        import distributed
+
+        package = Path(distributed.__file__).parent
+        found["pycache prefix"] = sys.pycache_prefix or ""
+        found["cached"] = bool(sys.pycache_prefix) and any(Path(f"{sys.pycache_prefix}{package}").glob("*.pyc"))
+        found["bytecode in the environment"] = (package / "__pycache__").exists()
         for w in watchdogs:
             found["watchdog environ"] = attempt((w / "environ").read_bytes)
             found["watchdog memory"] = attempt((w / "mem").read_bytes)
@@ -341,6 +350,8 @@ def _check_tasks_are_unprivileged(sim, client: Client, name: str, scheduler_id: 
         assert found["uid"] != 0 and found["euid"] != 0, f"the {where} runs as root: {found}"
         assert found["user"] == "dask", found
         assert found["root's home"] == found["root's files"] == found["become root"] == "PermissionError", found
+        assert found["pycache prefix"].endswith("/.dask-hetzner/dask/pycache") and found["cached"], found
+        assert found["bytecode in the environment"] is False, found
     # The token's own server: it exists there, and it cannot be read.
     assert in_scheduler["token file"] == "PermissionError", in_scheduler
     assert in_scheduler["watchdogs"] == 1, in_scheduler

@@ -128,6 +128,11 @@ class Sdk:
         # The SDK would sleep in its thread for some codes and not others; one policy: ours.
         self._client._client._retry_max_retries = 0
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hcloud")
+        # One kept-alive connection per thread: requests' default pool of 10 dropped the
+        # others (a warning per request when 50 servers are deleted at once).
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=threads)
+        self._client._client._session.mount("https://", adapter)
+        self._client._client._session.mount("http://", adapter)
         # Requests running in threads; teardown waits for them (a cancelled create may succeed).
         self._inflight: set[concurrent.futures.Future[Any]] = set()
 

@@ -57,10 +57,22 @@ class KeptServers:
         self.factory.record(server)
         await self.factory.pins.forget(old)
         await self.factory.pins.pin(server, host_key_public)
-        entry = Kept(server, host_key_public, until)
-        entry.timer = asyncio.ensure_future(self._expire(entry))
-        self.kept[server.id] = entry
+        self._hold(Kept(server, host_key_public, until))
         logger.info("server %s (%s) kept (paid, idle) until %s", old.name, server.name, time.strftime("%H:%M", time.localtime(until)))
+
+    def adopt(self, server: ServerInfo, host_key_public: str) -> bool:
+        """A kept server found when reattaching (another process kept it): taken by the next
+        new worker here, and deleted here at the time on its label. False if it has none."""
+        try:
+            until = float(server.labels[LABEL_KEPT_UNTIL])
+        except (KeyError, ValueError):
+            return False  # then it goes with the cluster (close, nuke, the watchdog)
+        self._hold(Kept(server, host_key_public, until))
+        return True
+
+    def _hold(self, entry: Kept) -> None:
+        entry.timer = asyncio.ensure_future(self._expire(entry))
+        self.kept[entry.server.id] = entry
 
     async def _expire(self, entry: Kept) -> None:
         await asyncio.sleep(max(0.0, entry.until - time.time()))  # the timer itself

@@ -143,6 +143,8 @@ async def _scheduler_first(ctx: ClusterContext, name: str) -> None:
         await asyncio.wait_for(ctx.factory.scheduler_recorded.wait(), timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(f"worker {name}: the scheduler's server was not created within {timeout:g} s") from None
+
+
 async def _reuse_kept(
     ctx: ClusterContext, name: str, labels: dict[str, str], options: dict[str, Any]
 ) -> Prepared | None:

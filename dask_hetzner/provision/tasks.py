@@ -14,6 +14,10 @@ from .context import ClusterContext
 from .node import Prepared, provision
 
 
+class ProvisioningCancelled(RuntimeError):
+    """A node's provisioning was cancelled (the cluster closes) before it was ready."""
+
+
 class Provisioner:
     """One provisioning task per node name, started early, taken by the node."""
 
@@ -37,6 +41,12 @@ class Provisioner:
         task = self._tasks[name]
         try:
             return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # the caller was cancelled, not the provisioning
+            # Cancelled by a close: the node fails like any other (SpecCluster's batch then
+            # ends instead of the close's cancellation escaping through it).
+            raise ProvisioningCancelled(f"provisioning {name} was cancelled: the cluster is closing") from None
         except Exception as e:
             self.failures[name] = e
             raise

@@ -332,6 +332,18 @@ class Simulator:
         assert self.store is not None, "simulator not started"
         return self._call(lambda: self.store.timings[server_id].as_dict())  # type: ignore[union-attr]
 
+    def end_ssh_delay(self, name: str) -> None:
+        """End the SSH delay (``slow_boot``) of the booted server ``name`` now: a test holds a
+        server back for as long as it needs, and no longer."""
+        assert self.store is not None and self.hosts is not None, "simulator not started with hosts"
+
+        def end() -> bool:
+            ids = [s.id for s in self.store.iter_servers() if s.name == name]  # type: ignore[union-attr]
+            return bool(ids) and self.hosts.end_ssh_delay(ids[0])
+
+        if not self._call(end):
+            raise LookupError(f"server {name}: not booted, or not waiting for SSH")
+
     @property
     def host_errors(self) -> list[str]:
         return list(self.store.host_errors) if self.store is not None else []

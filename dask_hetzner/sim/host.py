@@ -47,6 +47,7 @@ class Host:
         self.authorized: set[bytes] = set()
         self.sandbox_task: asyncio.Task[Sandbox | None] | None = None
         self.listen_task: asyncio.Task[None] | None = None
+        self.ssh_delay_over = asyncio.Event()  # ends a slow_boot early (tests)
         self.acceptors: list[asyncssh.SSHAcceptor] = []
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self.children: set[Child] = set()

@@ -187,6 +187,15 @@ class HostManager:
             else:
                 host.listen_task = asyncio.ensure_future(self._listen_later(host, ssh_delay))
 
+    def end_ssh_delay(self, server_id: int) -> bool:
+        """SSH listens now on a booted server still in its delay (a ``slow_boot`` ended
+        early: a test's release, not a wait); False if it is not waiting."""
+        host = self._hosts.get(server_id)
+        if host is None or host.listen_task is None or host.listen_task.done():
+            return False
+        host.ssh_delay_over.set()
+        return True
+
     async def power_off(self, server_id: int) -> None:
         """Kill every process of the server and close its SSH; keep its disk."""
         host = self._hosts.get(server_id)
@@ -446,7 +455,8 @@ class HostManager:
     # -- SSH --------------------------------------------------------------
 
     async def _listen_later(self, host: Host, delay: float) -> None:
-        await asyncio.sleep(delay)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(host.ssh_delay_over.wait(), delay)  # or ended early
         try:
             await self._listen(host)
         except OSError as exc:

@@ -31,18 +31,11 @@ class AddressPool:
             os.chmod(_LOCK_DIR, 0o1777)  # shared between users, like /tmp
         self._fh: IO[str] | None = None
         for block in blocks:
-            try:  # another user's lock file may not be writable for us: skip that block
-                fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115 - held for life
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                continue
-            self._fh = fh
-            self.block = block
-            break
+            fh = _try_lock(kind, block)
+            if fh is not None:
+                self._fh = fh
+                self.block = block
+                break
         else:
             raise RuntimeError(f"no free {kind} loopback block in 127.{blocks.start}-{blocks.stop - 1}.0.0")
         self._next = 0
@@ -78,18 +71,13 @@ class AddressPool:
 
     @staticmethod
     def claimed(kind: str, block: int) -> bool:
-        """Whether a live simulator (any process) holds this block."""
-        try:
-            fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115
-        except OSError:
-            return True  # another user's: theirs to reclaim
+        """Whether a live simulator (any process) holds this block (or another user's file)."""
+        fh = _try_lock(kind, block)
+        if fh is None:
+            return True
         with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
             fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
+        return False
 
     def close(self) -> None:
         if self._fh is not None:
@@ -97,3 +85,18 @@ class AddressPool:
                 fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def _try_lock(kind: str, block: int) -> IO[str] | None:
+    """The block's lock file, locked for this process; None if another process holds it, or
+    the file is another user's and not writable for us (their block)."""
+    try:
+        fh = open(_LOCK_DIR / f"{kind}-127.{block}.lock", "a+")  # noqa: SIM115 - held by the caller
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh

@@ -13,6 +13,7 @@ import dask
 import dask.utils
 import pytest
 from distributed import Client
+from distributed.core import Status
 from support import sdk, servers_of, wait_until
 
 from dask_hetzner import HetznerCluster, list_clusters, memory
@@ -264,22 +265,27 @@ def test_wait_for_workers_returns_with_any_first_and_replaces_a_late_failure(sim
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_close_during_a_scale_up_does_not_wait_for_its_servers(sim, caplog):
-    """A scale-up's server boots for 15 minutes (slow_boot, within the ssh bound): close()
+    """A scale-up's server boots for an hour (slow_boot, within the ssh bound): close()
     cancels its provisioning and deletes it, instead of waiting for SpecCluster's scale-up
-    batch (which this test's timeout would end long before), and says nothing failed."""
-    with dask.config.set({"hetzner.timeouts.ssh": "1200s"}):
+    batch, and says nothing failed."""
+    with dask.config.set({"hetzner.timeouts.ssh": "7200s"}):
         cluster = HetznerCluster(workers=1, name="cds", worker_server_type="cx23")
-        with cluster:
-            sim.inject("slow_boot", name="cds-worker-1", delay=900)
+        try:
+            sim.inject("slow_boot", name="cds-worker-1", delay=3600)
             with caplog.at_level("WARNING", logger="dask_hetzner"):
                 cluster.scale(2)
                 wait_until(
                     lambda: "cds-worker-1" in {s.name for s in servers_of(sim, "cds")},
                     timeout=60, what="worker-1's server created",
                 )  # fmt: skip
+                cluster.close(timeout=90)  # a bound: waiting for the boot would take an hour
+        finally:
+            if cluster.status != Status.closed:  # it waited: let the boot end, then close
+                _ended_ssh_delay(sim, "cds-worker-1")
                 cluster.close()
     assert servers_of(sim, "cds") == []
     assert "failed to start" not in caplog.text, caplog.text
+
 
 def _ended_ssh_delay(sim, name: str) -> bool:
     try:

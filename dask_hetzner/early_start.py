@@ -1,19 +1,16 @@
-"""Start a worker before its scheduler runs: a preload copied to each worker's server.
+"""Start a worker before its scheduler runs: a nanny preload copied to each worker's server.
 
 A worker's server is usually bootstrapped before the scheduler answers. Its ``dask worker``
-starts at once anyway, with ``~/.dask-hetzner/lib/early_start.py`` as the nanny's preload
-(``--preload-nanny``) and the worker process's (``--preload``), so that what takes a worker
-seconds happens while the scheduler starts:
+starts at once anyway, with ``--preload-nanny ~/.dask-hetzner/lib/early_start.py``, so that what
+takes a worker seconds happens while the scheduler starts:
 
-* in the nanny: with ``multiprocessing-method: forkserver`` the fork server is started at
-  once and imports distributed and its packages, while the nanny does its own imports;
-* the nanny then starts its worker process, forked ready from that server: it listens,
-  and in its preload :func:`dask_setup` waits until the scheduler completes a connection,
-  trying every 50 ms while it refuses (the worker's own connect backs off up to seconds),
-  bounded by ``DASK_HETZNER_SCHEDULER_WAIT`` seconds; then it registers at once.
-
-Before, the nanny waited and only then started its worker process: a second or more after
-the scheduler answered, on every server.
+* the nanny's own imports;
+* the worker process's imports: with ``multiprocessing-method: forkserver`` the fork server
+  is started here and imports distributed and its packages while we wait, so the worker
+  process is later forked ready instead of importing everything again;
+* then :func:`dask_setup` waits until the scheduler completes a connection, trying every
+  50 ms while it refuses (the nanny's own connect backs off up to seconds and gives up
+  after 30 s), bounded by ``DASK_HETZNER_SCHEDULER_WAIT`` seconds.
 
 This file is copied to the server as it is: at the top it imports the standard library only.
 The client uses :func:`install`.
@@ -43,7 +40,7 @@ WAITED = re.compile(r"waited ([0-9.]+) s for the scheduler at (\S+)")
 async def install(conn: Any) -> str:
     """Copy this file to a worker's server (``conn``: a :class:`dask_hetzner.remote.Remote`).
 
-    Returns its path on the server (for ``--preload-nanny`` and ``--preload``).
+    Returns the ``--preload-nanny`` argument.
     """
     from .layout import LIB_DIR  # the client's side: on a server this file stands alone
 
@@ -74,7 +71,15 @@ def _start_forkserver() -> None:
     multiprocessing.forkserver.ensure_running()  # returns at once: the server imports alone
 
 
-async def _wait_for_scheduler(server: Any, deadline: float) -> float:
+def _import_like_distributed() -> None:
+    # distributed imports those packages in the nanny before its first fork: do it now, in
+    # parallel with the fork server, instead of after the scheduler answered.
+    from distributed.utils import get_mp_context
+
+    get_mp_context()
+
+
+async def _wait_for_scheduler(nanny: Any, deadline: float) -> float:
     """Until the scheduler completes a connection: refusals retried every 50 ms, a slow
     TLS handshake (a loaded machine) given its time.
 
@@ -85,14 +90,14 @@ async def _wait_for_scheduler(server: Any, deadline: float) -> float:
     from distributed.comm.core import FatalCommClosedError
     from distributed.comm.registry import get_backend
 
-    address = server.scheduler.addr
+    address = nanny.scheduler.addr
     scheme, loc = parse_address(address)
     connector = get_backend(scheme).get_connector()
     started = time.monotonic()
     while True:
         try:
             comm = await asyncio.wait_for(
-                connector.connect(loc, deserialize=True, **server.connection_args), HANDSHAKE
+                connector.connect(loc, deserialize=True, **nanny.connection_args), HANDSHAKE
             )
             try:
                 # The handshake distributed's connect() does: the scheduler sees a client.
@@ -107,18 +112,17 @@ async def _wait_for_scheduler(server: Any, deadline: float) -> float:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"the scheduler at {address} did not answer within "
-                    f"{deadline - started:.0f} s of the worker's start"
+                    f"{deadline - started:.0f} s of the nanny's start"
                 ) from None
             await asyncio.sleep(POLL)
 
 
-async def dask_setup(server: Any) -> None:
-    """The nanny's preload starts the fork server and returns; the worker process's waits
-    for the scheduler (the worker registers right after)."""
-    if type(server).__name__ == "Nanny":
-        _start_forkserver()
-        return
-    deadline = time.monotonic() + float(os.environ.get(WAIT_ENV, "3600"))
-    waited = await _wait_for_scheduler(server, deadline)
+async def dask_setup(nanny: Any) -> None:
+    t0 = time.monotonic()
+    deadline = t0 + float(os.environ.get(WAIT_ENV, "3600"))
+    _start_forkserver()
+    imports = asyncio.ensure_future(asyncio.to_thread(_import_like_distributed))
+    waited = await _wait_for_scheduler(nanny, deadline)
+    await imports
     # The benchmark reads this line: a worker's own start is its total minus this wait.
-    logger.info("waited %.3f s for the scheduler at %s", waited, server.scheduler.addr)
+    logger.info("waited %.3f s for the scheduler at %s", waited, nanny.scheduler.addr)

@@ -93,7 +93,6 @@ def worker_command(
         f"--dashboard-address {ip}:0",
         f"--local-directory {layout.WORK_DIR}",
         f"--preload-nanny {preload}",
-        f"--preload {preload}",
         TLS_ARGS,
     ]
     env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={int(wait)}"

@@ -85,9 +85,6 @@ def test_workers_start_before_the_scheduler_answers(sim):
             waited = early_start.WAITED.search(logs[name])
             assert waited, logs[name]
             assert float(waited.group(1)) > 0 and waited.group(2) == cluster.scheduler.contact_address
-            # The worker process waited (its preload), not the nanny: the nanny had started
-            # and forked its worker process while the scheduler was still starting.
-            assert logs[name].index("Start Nanny at") < waited.start(), logs[name]
             assert "Registered to" in logs[name]
         # Waiting workers look like ordinary clients to the scheduler: no broken handshakes.
         scheduler_log = cluster.get_logs(cluster=False, workers=False)["scheduler"]

@@ -242,7 +242,7 @@ async def launch_worker(ctx: ClusterContext, p: Prepared, name: str, options: di
 
     It starts as soon as the scheduler's address is known: with a fixed scheduler port that
     is when the scheduler's server runs, so the worker's own start (imports, fork server)
-    overlaps the scheduler's, and its preload waits until the scheduler answers.
+    overlaps the scheduler's, and a nanny preload waits until the scheduler answers.
     """
     ip = p.server.private_ip
     assert ip, f"server {p.server.name} has no private network address"

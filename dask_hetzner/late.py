@@ -38,7 +38,7 @@ class LateWorkers:
         self.provisioner = provisioner
         self.done = done
         self.specs: dict[str, dict[str, Any]] = {}
-        self._joins: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -56,8 +56,8 @@ class LateWorkers:
         """Run ``work`` (a join, or deciding on a failed worker's successor) in the background,
         held here so it is not collected mid-way, and cancelled by ``stop``."""
         task = asyncio.ensure_future(work)
-        self._joins.add(task)
-        task.add_done_callback(self._joins.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def add(self, name: str, spec: dict[str, Any]) -> None:
         """A new worker (a successor): provisioned now, joins when ready."""
@@ -84,8 +84,8 @@ class LateWorkers:
         return list(self.specs)[::-1][: max(0, k)]
 
     async def stop(self) -> None:
-        for join in list(self._joins):
-            await cancelled(join)
+        for task in list(self._tasks):
+            await cancelled(task)
         self.specs.clear()
 
 

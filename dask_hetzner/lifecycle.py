@@ -511,10 +511,9 @@ class ClusterLifecycle(SpecCluster):
         """Failed workers: each gets one successor (late.Replacements), joining when ready;
         the others are named in an error. None while the cluster is closing or its scheduler
         is gone (another process's close deleted it: successors would be created in vain)."""
-        if self._ctx.factory.closing:
-            return  # a close cancelled them: their servers go with the rest
         if not await self._usable():
-            logger.error("cluster %s: workers failed to start: %s", self.name, late.describe(errors))
+            if not self._ctx.factory.closing:  # else a close cancelled them: nothing failed
+                logger.error("cluster %s: workers failed to start: %s", self.name, late.describe(errors))
             return
         decision = self._replacements.decide(errors, self._next_worker_name, self._check_more_workers)
         for old, new in decision.replace.items():

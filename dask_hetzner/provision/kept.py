@@ -60,15 +60,15 @@ class KeptServers:
         self._hold(Kept(server, host_key_public, until))
         logger.info("server %s (%s) kept (paid, idle) until %s", old.name, server.name, time.strftime("%H:%M", time.localtime(until)))
 
-    def adopt(self, server: ServerInfo, host_key_public: str) -> bool:
+    def adopt(self, server: ServerInfo, host_key_public: str) -> None:
         """A kept server found when reattaching (another process kept it): taken by the next
-        new worker here, and deleted here at the time on its label. False if it has none."""
+        new worker here, and deleted here at the time on its label. One without a readable
+        label is not taken: it goes with the cluster (close, nuke, the watchdog)."""
         try:
             until = float(server.labels[LABEL_KEPT_UNTIL])
         except (KeyError, ValueError):
-            return False  # then it goes with the cluster (close, nuke, the watchdog)
+            return
         self._hold(Kept(server, host_key_public, until))
-        return True
 
     def _hold(self, entry: Kept) -> None:
         entry.timer = asyncio.ensure_future(self._expire(entry))

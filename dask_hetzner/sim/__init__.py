@@ -38,6 +38,21 @@ from .timing import Timing
 
 __all__ = ["Simulator", "SpecViolation", "FaultRule", "parse_fault"]
 
+# A simulator's own directory (servers' disks, images): ROOT_PREFIX<its pid>-<random>.
+ROOT_PREFIX = "dask-hetzner-sim-"
+
+
+def reclaim_root_dirs() -> list[Path]:
+    """Delete the directories of simulators that died without closing (SIGKILL: their pid
+    is gone), as the next start does with their links (``netns.reclaim``). Returns them."""
+    gone = []
+    for path in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*-*"):
+        pid = path.name[len(ROOT_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -127,7 +142,8 @@ class Simulator:
             return self
         self._loop = asyncio.get_running_loop()
         if self._root_dir_option is None:
-            self.root_dir = Path(tempfile.mkdtemp(prefix="dask-hetzner-sim-"))
+            await asyncio.to_thread(reclaim_root_dirs)
+            self.root_dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
         else:
             self.root_dir = self._root_dir_option
             self.root_dir.mkdir(parents=True, exist_ok=True)

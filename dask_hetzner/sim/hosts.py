@@ -185,6 +185,7 @@ class HostManager:
                     await self._stop(host)
                     raise
             else:
+                host.ssh_delay_over.clear()  # a release ends this boot's delay, not a later one's
                 host.listen_task = asyncio.ensure_future(self._listen_later(host, ssh_delay))
 
     def end_ssh_delay(self, server_id: int) -> bool:

@@ -721,6 +721,30 @@ async def test_ssh_delay_and_ssh_never(cloud: Cloud) -> None:
             pass
 
 
+async def test_an_ended_ssh_delay_ends_that_boot_only(cloud: Cloud) -> None:
+    """``end_ssh_delay`` (a test's release of a slow boot) holds for the boot it ended: after
+    a power cycle, the next boot's delay runs again."""
+    spec = await cloud.boot(1, ssh_delay=3600)
+    assert cloud.manager.end_ssh_delay(1)
+
+    async def reachable() -> bool:
+        try:
+            async with cloud.connect(1) as conn:
+                return (await conn.run("true")).exit_status == 0
+        except OSError:
+            return False
+
+    await eventually(reachable, what=f"SSH on {spec.public_ip} once its delay was ended")
+    assert not cloud.manager.end_ssh_delay(1)  # listening: nothing to end
+    await cloud.manager.power_off(1)
+    await cloud.manager.boot(spec, ssh_delay=3600)
+    with pytest.raises(OSError):
+        async with cloud.connect(1):
+            pass
+    assert cloud.manager.end_ssh_delay(1), "the new boot's delay ended with the old one"
+    await eventually(reachable, what=f"SSH on {spec.public_ip} once the new delay was ended")
+
+
 async def test_many_hosts_boot_concurrently(cloud: Cloud) -> None:
     count = 24
     started = time.monotonic()

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from support import free_port
 
 from dask_hetzner.provision.shared import firewall_rules
 from dask_hetzner.settings import ClusterSettings
-from dask_hetzner.sim import Simulator, netns
+from dask_hetzner.sim import ROOT_PREFIX, Simulator, netns, reclaim_root_dirs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -259,6 +260,8 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
                 time.sleep(0.05)
         link = f"dhsim{proc.pid}"
         assert link in os.listdir("/sys/class/net")
+        root_dirs = list(Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}{proc.pid}-*"))
+        assert len(root_dirs) == 1, root_dirs
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -271,6 +274,10 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
     assert guard in _unreachable_routes()
     asyncio.run(netns.reclaim())
     assert guard not in _unreachable_routes()
+    # Its directory (the servers' disks) too; a live simulator's is kept.
+    assert root_dirs[0].exists()
+    assert root_dirs[0] in reclaim_root_dirs()
+    assert not root_dirs[0].exists()
 
 
 def _unreachable_routes() -> str:

@@ -19,8 +19,6 @@ import asyncio
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -29,6 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from . import disks as disk_dirs
 from .app import Api, Stats
 from .faults import HOST_FAULTS, FaultRule, FaultSet, make_rule, parse_fault
 from .ratelimit import RateLimiter
@@ -37,21 +36,6 @@ from .store import Store
 from .timing import Timing
 
 __all__ = ["Simulator", "SpecViolation", "FaultRule", "parse_fault"]
-
-# A simulator's own directory (servers' disks, images): ROOT_PREFIX<its pid>-<random>.
-ROOT_PREFIX = "dask-hetzner-sim-"
-
-
-def reclaim_root_dirs() -> list[Path]:
-    """Delete the directories of simulators that died without closing (SIGKILL: their pid
-    is gone), as the next start does with their links (``netns.reclaim``). Returns them."""
-    gone = []
-    for path in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*-*"):
-        pid = path.name[len(ROOT_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(path, ignore_errors=True)
-            gone.append(path)
-    return gone
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +66,8 @@ class Simulator:
         or a HostManager-like object to use instead
     :param root_dir: where hosts keep their disks (a temporary directory by default,
         removed at close)
+    :param disks: ``"disk"`` or ``"memory"`` (a tmpfs, ``sim/disks.py``) for that temporary
+        directory; default ``$DASK_HETZNER_SIM_DISKS``, else ``"disk"``
     :param validate_responses: check every answer against the spec; a violation is
         recorded in ``violations``, answered as a 500, and raised at exit
     :param faults: rules or ``'kind:key=value,...'`` strings to start with
@@ -104,6 +90,7 @@ class Simulator:
         hosts: bool | Any = True,
         host_options: dict[str, Any] | None = None,
         root_dir: str | Path | None = None,
+        disks: str | None = None,
         validate_responses: bool = False,
         faults: Iterable[FaultRule | str] = (),
     ):
@@ -126,6 +113,8 @@ class Simulator:
         # nearby mirror, so only the first run downloads the dask stack.
         self._host_options.setdefault("cache_dir", default_cache_dir())
         self._root_dir_option = Path(root_dir) if root_dir is not None else None
+        self._disks = disk_dirs.kind(disks)
+        self.disks_in_memory = False
         self.root_dir: Path | None = None
         self.hosts: Any = None
         self.store: Store | None = None
@@ -142,8 +131,7 @@ class Simulator:
             return self
         self._loop = asyncio.get_running_loop()
         if self._root_dir_option is None:
-            await asyncio.to_thread(reclaim_root_dirs)
-            self.root_dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
+            self.root_dir, self.disks_in_memory = await asyncio.to_thread(disk_dirs.make_root, self._disks)
         else:
             self.root_dir = self._root_dir_option
             self.root_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +208,7 @@ class Simulator:
             except Exception:
                 log.exception("closing the simulated hosts failed")
         if self._root_dir_option is None and self.root_dir is not None:
-            shutil.rmtree(self.root_dir, ignore_errors=True)
+            await asyncio.to_thread(disk_dirs.remove_root, self.root_dir)
 
     async def __aenter__(self) -> Simulator:
         return await self.start()

@@ -40,9 +40,10 @@ bindfd 5 /tmp
 [ -d /var/tmp ] && bindfd 6 /var/tmp
 bindfd 3 "$home"
 bindfd 4 "$cache"
+exec 4<"$cache" # now the writable mount: bound again below when /root hides it
 bindfd 7 "$shims"
 mount -o remount,bind,ro "$shims"
-exec 3<&- 4<&- 5<&- 6<&- 7<&- 11<&-
+exec 3<&- 5<&- 6<&- 7<&- 11<&-
 
 # A minimal /dev: no disks or other hardware, a private /dev/shm (tmpfs,
 # multiprocessing needs it writable) and the host's ptys. Built on the side
@@ -89,6 +90,10 @@ if [ -n "$keep" ]; then
     mount -o remount,bind,ro "$keep"
     exec 9<&-
 fi
+# CACHE under /root (root's ~/.cache on this machine) is hidden by that mount: bound again
+# on top, or every server would fill a cache of its own (downloading every package).
+case $cache in /root/*) bindfd 4 "$cache" ;; esac
+exec 4<&-
 
 # /proc for the new pid namespace; its knobs that act on the whole machine
 # stay read-only (the rest of them need capabilities the server lacks).

@@ -138,8 +138,8 @@ def pids_mentioning(text: str) -> list[int]:
 class Cloud:
     """A HostManager plus what the tests need to boot hosts and log in."""
 
-    def __init__(self, root: Path) -> None:
-        self.manager = HostManager(root)
+    def __init__(self, root: Path, **options: Any) -> None:
+        self.manager = HostManager(root, **options)
         self.net = Net()
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         self.host_keys: dict[int, asyncssh.SSHKey] = {}
@@ -283,6 +283,30 @@ async def test_exec_status_streams_and_environment(cloud: Cloud) -> None:
     allowed |= {"UV_PYTHON_DOWNLOADS", "UV_NATIVE_TLS", "SSH_CLIENT", "SSH_CONNECTION"}
     allowed |= {"PWD", "SHLVL", "_", "LC_TIME"}
     assert set(env) <= allowed
+
+
+async def test_a_shared_cache_under_root_is_not_hidden_by_the_servers_root(tmp_path: Path) -> None:
+    """Root's own ~/.cache (the default cache when root runs the simulator) lies under /root,
+    where each server's directory is mounted: the cache must stay the shared one, or every
+    server fills a cache of its own (downloading every package)."""
+    home = Path.home()
+    if home != Path("/root"):
+        pytest.skip("needs HOME=/root (root runs the simulator)")
+    (home / ".cache").mkdir(exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="dask-hetzner-test-cache-", dir=home / ".cache"))
+    cloud = Cloud(tmp_path / "hosts", cache_dir=cache)
+    try:
+        await cloud.boot(1)
+        cloud.require_sandbox()
+        await cloud.boot(2)
+        put = await cloud.run(1, 'echo one > "$XDG_CACHE_HOME/probe"')
+        assert put.exit_status == 0, put.stderr
+        assert (cache / "probe").read_text() == "one\n"
+        got = await cloud.run(2, 'cat "$XDG_CACHE_HOME/probe"')
+        assert got.stdout == "one\n", got.stderr
+    finally:
+        await cloud.manager.close()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 async def test_python3_is_the_real_interpreter(cloud: Cloud) -> None:

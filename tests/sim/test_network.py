@@ -18,7 +18,8 @@ from support import free_port
 
 from dask_hetzner.provision.shared import firewall_rules
 from dask_hetzner.settings import ClusterSettings
-from dask_hetzner.sim import ROOT_PREFIX, Simulator, netns, reclaim_root_dirs
+from dask_hetzner.sim import Simulator, netns
+from dask_hetzner.sim.disks import ROOT_PREFIX, reclaim_root_dirs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -262,6 +263,8 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
         assert link in os.listdir("/sys/class/net")
         root_dirs = list(Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}{proc.pid}-*"))
         assert len(root_dirs) == 1, root_dirs
+        in_memory = os.path.ismount(root_dirs[0])  # its tmpfs (DASK_HETZNER_SIM_DISKS=memory)
+        assert in_memory == (os.geteuid() == 0 and os.environ.get("DASK_HETZNER_SIM_DISKS") == "memory")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -278,6 +281,9 @@ def test_a_killed_simulator_leaves_no_network_behind(tmp_path: Path) -> None:
     assert root_dirs[0].exists()
     assert root_dirs[0] in reclaim_root_dirs()
     assert not root_dirs[0].exists()
+    if in_memory:  # unmounted too: the memory is free
+        with open("/proc/self/mounts") as mounts:
+            assert str(root_dirs[0]) not in mounts.read()
 
 
 def _unreachable_routes() -> str:

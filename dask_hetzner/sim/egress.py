@@ -75,7 +75,7 @@ class Egress:
         loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._relay, sock=tcp)
         upstream = (await asyncio.to_thread(_nameserver), 53)
-        self._dns, _ = await loop.create_datagram_endpoint(lambda: _DnsRelay(upstream), sock=udp)
+        self._dns, _ = await loop.create_datagram_endpoint(lambda: _DnsRelay(upstream, self._tasks), sock=udp)
         await run(in_netns(netns_pid, tool("ip"), "route", "replace", "default", "dev", "eth0"))
         await run(in_netns(netns_pid, tool("nft"), "-f", "-"), _ruleset())
 
@@ -84,7 +84,7 @@ class Egress:
             self._server.close()
         if self._dns is not None:
             self._dns.close()
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -123,15 +123,18 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class _DnsRelay(asyncio.DatagramProtocol):
     """Each query goes to this machine's resolver from a socket of its own; its answer back."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], tasks: set[asyncio.Task[None]]) -> None:
         self.upstream = upstream
         self.transport: asyncio.DatagramTransport | None = None
+        self.tasks = tasks  # the egress's: a query in flight is cancelled when it closes
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.ensure_future(self._ask(data, addr))
+        task = asyncio.ensure_future(self._ask(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _ask(self, data: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()

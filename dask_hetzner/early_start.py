@@ -1,16 +1,19 @@
-"""Start a worker before its scheduler runs: a nanny preload copied to each worker's server.
+"""Start a worker before its scheduler runs: a preload copied to each worker's server.
 
 A worker's server is usually bootstrapped before the scheduler answers. Its ``dask worker``
-starts at once anyway, with ``--preload-nanny ~/.dask-hetzner/lib/early_start.py``, so that what
-takes a worker seconds happens while the scheduler starts:
+starts at once anyway, with this file as ``--preload-nanny`` and ``--preload`` (the worker
+process's), so that what takes a worker seconds happens while the scheduler starts:
 
 * the nanny's own imports;
-* the worker process's imports: with ``multiprocessing-method: forkserver`` the fork server
-  is started here and imports distributed and its packages while we wait, so the worker
-  process is later forked ready instead of importing everything again;
-* then :func:`dask_setup` waits until the scheduler completes a connection, trying every
-  50 ms while it refuses (the nanny's own connect backs off up to seconds and gives up
-  after 30 s), bounded by ``DASK_HETZNER_SCHEDULER_WAIT`` seconds.
+* the worker process: with ``multiprocessing-method: forkserver`` the fork server is started
+  here and imports distributed and its packages; then, if the scheduler does not answer yet,
+  the nanny starts its worker process at once (``instantiate``), which sets up and waits in
+  its own preload, so that once the scheduler answers it only has to register (distributed
+  starts the worker process only after the nanny registered);
+* then :func:`dask_setup` (in the nanny and in the worker process) waits until the
+  scheduler completes a connection, trying every 50 ms while it refuses (distributed's own
+  connect backs off up to seconds, and the nanny's gives up after 30 s), bounded by
+  ``DASK_HETZNER_SCHEDULER_WAIT`` seconds.
 
 This file is copied to the server as it is: at the top it imports the standard library only.
 The client uses :func:`install`.
@@ -79,9 +82,10 @@ def _import_like_distributed() -> None:
     get_mp_context()
 
 
-async def _wait_for_scheduler(nanny: Any, deadline: float) -> float:
+async def _wait_for_scheduler(server: Any, deadline: float, early: asyncio.Future[Any] | None = None) -> float:
     """Until the scheduler completes a connection: refusals retried every 50 ms, a slow
-    TLS handshake (a loaded machine) given its time.
+    TLS handshake (a loaded machine) given its time. ``early``: the worker process's start,
+    whose failure ends the wait.
 
     Not ``distributed.comm.connect``: its backoff grows to seconds between attempts (so a
     worker would notice a new scheduler late) and its timeout covers the handshake too.
@@ -89,15 +93,16 @@ async def _wait_for_scheduler(nanny: Any, deadline: float) -> float:
     from distributed.comm import parse_address
     from distributed.comm.core import FatalCommClosedError
     from distributed.comm.registry import get_backend
+    from distributed.core import Status
 
-    address = nanny.scheduler.addr
+    address = server.scheduler.addr
     scheme, loc = parse_address(address)
     connector = get_backend(scheme).get_connector()
     started = time.monotonic()
     while True:
         try:
             comm = await asyncio.wait_for(
-                connector.connect(loc, deserialize=True, **nanny.connection_args), HANDSHAKE
+                connector.connect(loc, deserialize=True, **server.connection_args), HANDSHAKE
             )
             try:
                 # The handshake distributed's connect() does: the scheduler sees a client.
@@ -109,20 +114,62 @@ async def _wait_for_scheduler(nanny: Any, deadline: float) -> float:
         except FatalCommClosedError:
             raise  # e.g. TLS refused: waiting longer does not help
         except (OSError, asyncio.TimeoutError):
+            if early is not None and early.done() and early.result() != Status.running:
+                # Its failure (raised by result()) closed the nanny: waiting is pointless.
+                raise RuntimeError(f"the worker process did not start: {early.result()}") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"the scheduler at {address} did not answer within "
-                    f"{deadline - started:.0f} s of the nanny's start"
+                    f"{deadline - started:.0f} s of this process's start"
                 ) from None
             await asyncio.sleep(POLL)
 
 
-async def dask_setup(nanny: Any) -> None:
-    t0 = time.monotonic()
-    deadline = t0 + float(os.environ.get(WAIT_ENV, "3600"))
+async def dask_setup(server: Any) -> None:
+    """The preload's entry point: ``server`` is the nanny, or the worker it started."""
+    from distributed import Nanny
+
+    deadline = time.monotonic() + float(os.environ.get(WAIT_ENV, "3600"))
+    if isinstance(server, Nanny):
+        waited = await _nanny_setup(server, deadline)
+    else:
+        waited = await _wait_for_scheduler(server, deadline)
+    # The benchmark reads this line: a worker's own start is its total minus this wait.
+    logger.info("waited %.3f s for the scheduler at %s", waited, server.scheduler.addr)
+
+
+async def _nanny_setup(nanny: Any, deadline: float) -> float:
     _start_forkserver()
     imports = asyncio.ensure_future(asyncio.to_thread(_import_like_distributed))
-    waited = await _wait_for_scheduler(nanny, deadline)
+    early: asyncio.Future[Any] | None = None
+    if not await _answers(nanny):
+        await imports  # instantiate needs them (get_mp_context): done once, here
+        # The nanny's own start (after this preload) finds the process starting and waits
+        # for it; if it fails, instantiate has closed the nanny already.
+        early = asyncio.ensure_future(nanny.instantiate())
+        early.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged by the nanny
+    try:
+        waited = await _wait_for_scheduler(nanny, deadline, early)
+    except BaseException:
+        if early is not None:
+            early.cancel()
+        raise
     await imports
-    # The benchmark reads this line: a worker's own start is its total minus this wait.
-    logger.info("waited %.3f s for the scheduler at %s", waited, nanny.scheduler.addr)
+    return waited
+
+
+async def _answers(server: Any) -> bool:
+    """One attempt: does the scheduler accept a connection now?"""
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    scheme, loc = parse_address(server.scheduler.addr)
+    try:
+        comm = await asyncio.wait_for(
+            get_backend(scheme).get_connector().connect(loc, deserialize=True, **server.connection_args),
+            HANDSHAKE,
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    await comm.close()
+    return True

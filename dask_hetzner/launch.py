@@ -92,7 +92,9 @@ def worker_command(
         # otherwise listen on every interface, the public one included.
         f"--dashboard-address {ip}:0",
         f"--local-directory {layout.WORK_DIR}",
+        # The nanny's and its worker process's: both wait for the scheduler (early_start.py).
         f"--preload-nanny {preload}",
+        f"--preload {preload}",
         TLS_ARGS,
     ]
     env = f"{PROCESS_ENV} {early_start.PROCESS_ENV} {early_start.WAIT_ENV}={int(wait)}"

@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from distributed import Scheduler
+from distributed import Nanny, Scheduler
 from support import free_port
 
 from dask_hetzner import early_start
@@ -76,3 +76,58 @@ async def test_gives_up_at_its_deadline_naming_the_address():
     port = free_port()  # nothing listens there
     with pytest.raises(TimeoutError, match=f"scheduler at tcp://127.0.0.1:{port} did not answer"):
         await early_start._wait_for_scheduler(_nanny(port), time.monotonic() + 0.5)
+
+
+async def _eventually(cond, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(180)
+async def test_the_worker_process_starts_before_the_scheduler_answers(tmp_path):
+    """The scheduler is not up: the nanny starts its worker process at once (distributed
+    would only after registering), and that same process registers once the scheduler
+    answers. The nanny's own connect (30 s and it gives up) waits in the preload."""
+    port = free_port()
+    preload = [early_start.__file__]
+    nanny = Nanny(
+        f"tcp://127.0.0.1:{port}", host="127.0.0.1", nthreads=1, preload_nanny=preload,
+        preload=preload, local_directory=str(tmp_path), dashboard_address="127.0.0.1:0",
+    )  # fmt: skip
+    starting = asyncio.ensure_future(nanny.start())
+    try:
+        await _eventually(
+            lambda: nanny.process is not None and nanny.process.process is not None
+            and nanny.process.process.pid is not None,
+            "the worker process, with no scheduler",
+        )  # fmt: skip
+        pid = nanny.process.process.pid
+        assert not starting.done()
+        async with Scheduler(host="127.0.0.1", port=port, dashboard_address=":0") as scheduler:
+            await asyncio.wait_for(starting, 120)
+            (registered,) = scheduler.workers.values()
+            assert registered.pid == pid
+            assert registered.nanny == nanny.address
+            await nanny.close()
+    finally:
+        starting.cancel()
+        await nanny.close()
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_process_that_fails_early_ends_the_wait(tmp_path):
+    """Its worker process fails while the scheduler is still away: the nanny's start fails
+    now, not when the wait's bound (an hour) ends."""
+    nanny = Nanny(
+        f"tcp://127.0.0.1:{free_port()}", host="127.0.0.1", nthreads=1,
+        preload_nanny=[early_start.__file__], local_directory=str(tmp_path),
+        dashboard_address="127.0.0.1:0",
+        not_a_worker_option=1,  # Worker(**kwargs) raises in the worker process
+    )  # fmt: skip
+    try:
+        with pytest.raises(Exception, match="Nanny failed to start"):
+            await asyncio.wait_for(nanny.start(), 120)
+    finally:
+        await nanny.close()

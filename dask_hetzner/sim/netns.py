@@ -169,6 +169,10 @@ class Network:
                   f"link add {port} type veth peer name eth0 netns {netns.pid}\n"
                   f"link set {port} master {_BRIDGE} up\n")  # fmt: skip
         await _sysctl(netns.pid, "net/ipv4/conf/all/route_localnet")
+        # ARP answers only for eth0's own addresses. Otherwise all of 127.0.0.0/8 (lo) is
+        # local here: a namespace between this and its addresses (address()) answered for
+        # any server, and this machine sent that server's packets here for ~30 s.
+        await _sysctl(netns.pid, "net/ipv4/conf/all/arp_ignore")
         await run(in_netns(netns.pid, tool("ip"), "-batch", "-"), "link set lo up\nlink set eth0 up\n")
 
     async def address(self, netns: Holder, public_ip: str, private: list[str]) -> None:

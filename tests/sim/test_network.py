@@ -210,6 +210,28 @@ async def test_an_address_without_a_server_is_unreachable_not_this_machine(serve
         assert await reach(servers.public["alpha"], port) == "unreachable"
 
 
+async def test_a_booting_server_never_answers_for_anothers_address(servers: Servers) -> None:
+    """Between its namespace's link and its addresses, a server's namespace holds all of
+    127.0.0.0/8 (its lo): it must not answer ARP for another server's address, or this
+    machine sends that server's packets to it (an SSH stall of ~30 s, until the entry aged)."""
+    network = servers.sim.hosts.networking._network.result()
+    block = servers.sim.store.public_pool.block
+    other = f"127.{block}.201.7"  # never handed out: no namespace has it
+    holder = await netns.Holder.start()
+    try:
+        await network.attach(999_999, holder)  # linked, no addresses yet: a booting server
+        await netns.run(["ip", "route", "replace", "table", "local", f"{other}/32",
+                         "dev", network.link, "src", network.client_ip])  # fmt: skip
+        # Traffic to it makes this machine ask (ARP) who has it: nobody may say "me" (then
+        # the namespace's TCP refuses the connection).
+        assert await reach(other, 22) in ("unreachable", "dropped")
+        neighbour = await netns.run(["ip", "neigh", "show", "to", other, "dev", network.link])
+        assert "lladdr" not in neighbour, neighbour
+    finally:
+        await netns.run(["ip", "route", "del", "table", "local", f"{other}/32", "dev", network.link])
+        await holder.stop()
+
+
 async def reach(host: str, port: int) -> str:
     """"unreachable" when the kernel has no way to ``host``; else what ``answer`` says."""
     try:

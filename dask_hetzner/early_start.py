@@ -90,39 +90,20 @@ async def _wait_for_scheduler(server: Any, deadline: float, early: asyncio.Futur
     Not ``distributed.comm.connect``: its backoff grows to seconds between attempts (so a
     worker would notice a new scheduler late) and its timeout covers the handshake too.
     """
-    from distributed.comm import parse_address
-    from distributed.comm.core import FatalCommClosedError
-    from distributed.comm.registry import get_backend
     from distributed.core import Status
 
-    address = server.scheduler.addr
-    scheme, loc = parse_address(address)
-    connector = get_backend(scheme).get_connector()
     started = time.monotonic()
-    while True:
-        try:
-            comm = await asyncio.wait_for(
-                connector.connect(loc, deserialize=True, **server.connection_args), HANDSHAKE
+    while not await _answers(server):
+        if early is not None and early.done() and early.result() != Status.running:
+            # Its failure (raised by result()) closed the nanny: waiting is pointless.
+            raise RuntimeError(f"the worker process did not start: {early.result()}") from None
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the scheduler at {server.scheduler.addr} did not answer within "
+                f"{deadline - started:.0f} s of this process's start"
             )
-            try:
-                # The handshake distributed's connect() does: the scheduler sees a client.
-                await asyncio.wait_for(comm.write(comm.handshake_info()), HANDSHAKE)
-                await asyncio.wait_for(comm.read(), HANDSHAKE)
-            finally:
-                await comm.close()
-            return time.monotonic() - started
-        except FatalCommClosedError:
-            raise  # e.g. TLS refused: waiting longer does not help
-        except (OSError, asyncio.TimeoutError):
-            if early is not None and early.done() and early.result() != Status.running:
-                # Its failure (raised by result()) closed the nanny: waiting is pointless.
-                raise RuntimeError(f"the worker process did not start: {early.result()}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the scheduler at {address} did not answer within "
-                    f"{deadline - started:.0f} s of this process's start"
-                ) from None
-            await asyncio.sleep(POLL)
+        await asyncio.sleep(POLL)
+    return time.monotonic() - started
 
 
 async def dask_setup(server: Any) -> None:
@@ -141,35 +122,40 @@ async def dask_setup(server: Any) -> None:
 async def _nanny_setup(nanny: Any, deadline: float) -> float:
     _start_forkserver()
     imports = asyncio.ensure_future(asyncio.to_thread(_import_like_distributed))
-    early: asyncio.Future[Any] | None = None
-    if not await _answers(nanny):
-        await imports  # instantiate needs them (get_mp_context): done once, here
-        # The nanny's own start (after this preload) finds the process starting and waits
-        # for it; if it fails, instantiate has closed the nanny already.
-        early = asyncio.ensure_future(nanny.instantiate())
-        early.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged by the nanny
+    started = time.monotonic()
+    if await _answers(nanny):  # a scale-up's worker: its scheduler runs already
+        await imports
+        return time.monotonic() - started
+    await imports  # instantiate needs them (get_mp_context): done once, here
+    # The nanny's own start (after this preload) finds the process starting and waits for
+    # it; if it fails, instantiate has closed the nanny already.
+    early = asyncio.ensure_future(nanny.instantiate())
+    early.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged by the nanny
     try:
-        waited = await _wait_for_scheduler(nanny, deadline, early)
+        return await _wait_for_scheduler(nanny, deadline, early)
     except BaseException:
-        if early is not None:
-            early.cancel()
+        early.cancel()
         raise
-    await imports
-    return waited
 
 
 async def _answers(server: Any) -> bool:
-    """One attempt: does the scheduler accept a connection now?"""
+    """One attempt: does the scheduler complete a connection now (with distributed's
+    handshake, so it sees a client, not a connection closed before its handshake)?"""
     from distributed.comm import parse_address
+    from distributed.comm.core import FatalCommClosedError
     from distributed.comm.registry import get_backend
 
     scheme, loc = parse_address(server.scheduler.addr)
+    connector = get_backend(scheme).get_connector()
     try:
-        comm = await asyncio.wait_for(
-            get_backend(scheme).get_connector().connect(loc, deserialize=True, **server.connection_args),
-            HANDSHAKE,
-        )
+        comm = await asyncio.wait_for(connector.connect(loc, deserialize=True, **server.connection_args), HANDSHAKE)
+        try:
+            await asyncio.wait_for(comm.write(comm.handshake_info()), HANDSHAKE)
+            await asyncio.wait_for(comm.read(), HANDSHAKE)
+        finally:
+            await comm.close()
+    except FatalCommClosedError:
+        raise  # e.g. TLS refused: waiting longer does not help
     except (OSError, asyncio.TimeoutError):
         return False
-    await comm.close()
     return True

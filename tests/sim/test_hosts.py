@@ -182,6 +182,14 @@ class Cloud:
         options.update(kwargs)
         return asyncssh.connect(spec.public_ip, 22, **options)
 
+    async def reachable(self, server_id: int) -> bool:
+        """Whether the server takes an SSH login and runs a command now."""
+        try:
+            async with self.connect(server_id) as conn:
+                return (await conn.run("true")).exit_status == 0
+        except OSError:
+            return False
+
     async def run(
         self, server_id: int, command: str, **kwargs: Any
     ) -> asyncssh.SSHCompletedProcess:
@@ -732,14 +740,7 @@ async def test_ssh_delay_and_ssh_never(cloud: Cloud) -> None:
             async with cloud.connect(server_id):
                 pass
 
-    async def reachable() -> bool:
-        try:
-            async with cloud.connect(1) as conn:
-                return (await conn.run("true")).exit_status == 0
-        except OSError:
-            return False
-
-    await eventually(reachable, what=f"SSH on {spec.public_ip} after ssh_delay")
+    await eventually(lambda: cloud.reachable(1), what=f"SSH on {spec.public_ip} after ssh_delay")
     with pytest.raises(OSError):
         async with cloud.connect(2):
             pass
@@ -751,14 +752,7 @@ async def test_an_ended_ssh_delay_ends_that_boot_only(cloud: Cloud) -> None:
     spec = await cloud.boot(1, ssh_delay=3600)
     assert cloud.manager.end_ssh_delay(1)
 
-    async def reachable() -> bool:
-        try:
-            async with cloud.connect(1) as conn:
-                return (await conn.run("true")).exit_status == 0
-        except OSError:
-            return False
-
-    await eventually(reachable, what=f"SSH on {spec.public_ip} once its delay was ended")
+    await eventually(lambda: cloud.reachable(1), what=f"SSH on {spec.public_ip} once its delay was ended")
     assert not cloud.manager.end_ssh_delay(1)  # listening: nothing to end
     await cloud.manager.power_off(1)
     await cloud.manager.boot(spec, ssh_delay=3600)
@@ -766,7 +760,7 @@ async def test_an_ended_ssh_delay_ends_that_boot_only(cloud: Cloud) -> None:
         async with cloud.connect(1):
             pass
     assert cloud.manager.end_ssh_delay(1), "the new boot's delay ended with the old one"
-    await eventually(reachable, what=f"SSH on {spec.public_ip} once the new delay was ended")
+    await eventually(lambda: cloud.reachable(1), what=f"SSH on {spec.public_ip} once the new delay was ended")
 
 
 async def test_many_hosts_boot_concurrently(cloud: Cloud) -> None:
